@@ -1,0 +1,320 @@
+"""Data stage: read images and manifests, split by patient, serve tensors.
+
+Every image that enters covidxr, for training, evaluation or the app, goes through
+`load_grayscale` and `prepare` below, so a model sees the same pixels everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sklearn.model_selection import StratifiedGroupKFold
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+# Bumped whenever `prepare` changes what it outputs: it keys the on-disk image cache.
+PREPROCESSING_VERSION = "equalize-v1"
+
+
+class ImageLoadError(ValueError):
+    """An input that cannot be turned into an X-ray image, with a message fit for a user."""
+
+
+class SplitLeakError(RuntimeError):
+    """The same patient or the same image file landed in two splits."""
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+def load_grayscale(image) -> np.ndarray:
+    """Turn a path, PIL image or numpy array into a float32 (H, W) array scaled to [0, 1].
+
+    Accepts any bit depth (8/16-bit, float) and mode (L, I;16, RGB, RGBA, P, CMYK, ...), applies
+    EXIF orientation, and stretches the image's own value range to [0, 1], because sources store
+    the same anatomy at different depths and windows.
+    """
+    if isinstance(image, (str, Path)):
+        image = _open_image(Path(image))
+    if isinstance(image, Image.Image):
+        array = _pil_to_array(image)
+    elif isinstance(image, np.ndarray):
+        array = _numpy_to_gray(image)
+    else:
+        raise ImageLoadError(f"cannot read an image from a {type(image).__name__}")
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ImageLoadError(f"image has shape {array.shape}, expected a 2-D picture")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(array.min()), float(array.max())
+    if high > low:
+        array = (array - low) / (high - low)
+    else:
+        array = np.zeros_like(array)
+    return array
+
+
+def _open_image(path: Path) -> Image.Image:
+    if not path.exists():
+        raise ImageLoadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"{path.name}: the file is empty (0 bytes)")
+    try:
+        image = Image.open(path)
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(f"{path.name}: image is too large to decode safely ({error})") from error
+    except UnidentifiedImageError as error:
+        raise ImageLoadError(f"{path.name}: not an image file PIL can read") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"{path.name}: the image is damaged or truncated ({error})") from error
+    return image
+
+
+def _pil_to_array(image: Image.Image) -> np.ndarray:
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return np.asarray(image, dtype=np.float32)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Transparent pixels become black, the colour of air on an X-ray.
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return np.asarray(image.convert("L"), dtype=np.float32)
+
+
+def _numpy_to_gray(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.float32)
+    if not np.issubdtype(array.dtype, np.number):
+        raise ImageLoadError(f"array of dtype {array.dtype} is not an image")
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+        else:
+            # ITU-R 601 luma, as PIL's convert("L"); alpha is ignored.
+            array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return array
+
+
+def prepare(image, size: int) -> torch.Tensor:
+    """The model's view of an image: a (1, size, size) uint8 tensor, resized and equalised.
+
+    Histogram equalisation maps every source's contrast and windowing onto one intensity
+    distribution, which removes an easy source cue and leaves anatomy.
+    """
+    gray = torch.from_numpy(load_grayscale(image))[None]
+    resized = TF.resize(gray, [size, size], antialias=True)
+    as_uint8 = (resized.clamp(0, 1) * 255).round().to(torch.uint8)
+    return TF.equalize(as_uint8)
+
+
+def normalise(batch: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 images (N, 1, H, W) to the float input the network expects."""
+    return (batch.float() / 255.0 - mean) / std
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests
+# --------------------------------------------------------------------------------------------
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest CSV (filename,label,patient_id[,view,age_group,source_dataset,sha256,...])
+    or build one from a folder-per-class tree. Filenames become absolute paths."""
+    path = Path(path)
+    if path.is_dir():
+        return _manifest_from_folders(path)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"filename", "label", "patient_id"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")
+    frame["path"] = [str((path.parent / name).resolve()) for name in frame["filename"]]
+    for column in ("view", "age_group", "source_dataset", "sha256"):
+        if column not in frame.columns:
+            frame[column] = ""
+    return frame
+
+
+def _manifest_from_folders(root: Path) -> pd.DataFrame:
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for file in sorted(class_dir.rglob("*")):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append({
+                    "filename": str(file.relative_to(root)),
+                    "label": class_dir.name,
+                    # No patient ids in a bare folder tree: each image stands alone.
+                    "patient_id": f"{class_dir.name}/{file.stem}",
+                    "path": str(file.resolve()),
+                    "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                })
+    if not rows:
+        raise ValueError(f"{root}: no images found in class sub-folders")
+    warnings.warn(f"{root}: folder tree has no patient ids; each image is its own patient")
+    frame = pd.DataFrame(rows)
+    for column in ("view", "age_group", "source_dataset"):
+        frame[column] = ""
+    return frame
+
+
+def parse_filters(filters: list[str] | None) -> dict[str, list[str]]:
+    """['view=PA', 'source_dataset=ieee8023,kermany'] -> {'view': ['PA'], ...}."""
+    parsed = {}
+    for item in filters or []:
+        column, sep, values = item.partition("=")
+        if not sep or not column or not values:
+            raise ValueError(f"filter {item!r} is not COLUMN=VALUE[,VALUE...]")
+        parsed[column.strip()] = [v.strip() for v in values.split(",")]
+    return parsed
+
+
+def parse_label_map(items: list[str] | None, classes: list[str]) -> dict[str, str]:
+    """Which manifest labels feed which class. Each class takes its own name by default;
+    ['sars=covid'] would also feed SARS images to covid."""
+    label_map = {name: name for name in classes}
+    for item in items or []:
+        source, sep, target = item.partition("=")
+        if not sep or target not in classes:
+            raise ValueError(f"label map {item!r} must be SOURCE_LABEL=CLASS with CLASS in {classes}")
+        label_map[source.strip()] = target.strip()
+    return label_map
+
+
+def select(frame: pd.DataFrame, filters: dict[str, list[str]], label_map: dict[str, str]) -> pd.DataFrame:
+    """Apply filters and map labels to classes. Rows whose label feeds no class keep
+    target '' : they are never trained on, only evaluated (e.g. SARS)."""
+    for column, values in filters.items():
+        if column not in frame.columns:
+            raise ValueError(f"filter column {column!r} is not in the manifest")
+        frame = frame[frame[column].isin(values)]
+    frame = frame.copy()
+    frame["target"] = frame["label"].map(label_map).fillna("")
+    return frame.reset_index(drop=True)
+
+
+def data_hash(frame: pd.DataFrame) -> str:
+    """A fingerprint of exactly which images with which labels went in."""
+    key = frame["sha256"].where(frame["sha256"] != "", frame["filename"])
+    lines = sorted(f"{k},{t}" for k, t in zip(key, frame["target"]))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Patient-disjoint split
+# --------------------------------------------------------------------------------------------
+
+def split_by_patient(frame: pd.DataFrame, seed: int, val_fraction: float = 0.15,
+                     test_fraction: float = 0.15) -> pd.DataFrame:
+    """Add a `split` column: train / val / test for trainable rows, eval_only for the rest.
+
+    Stratified by class and source, grouped by patient; patients sharing an identical image
+    (same sha256) are grouped together too, so no picture can sit on both sides.
+    """
+    frame = frame.copy()
+    frame["split"] = "eval_only"
+    trainable = frame.index[frame["target"] != ""]
+    sub = frame.loc[trainable]
+    groups = _patient_groups(sub)
+    strata = sub["target"] + "|" + sub["source_dataset"]
+
+    def carve(index, fraction, salt):
+        n_splits = max(2, round(1 / fraction))
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + salt)
+        _, held = next(folds.split(index, strata.loc[index], groups.loc[index]))
+        return index[held]
+
+    test = carve(sub.index, test_fraction, 0)
+    rest = sub.index.difference(test)
+    val = carve(rest, val_fraction / (1 - test_fraction), 1)
+    frame.loc[rest, "split"] = "train"
+    frame.loc[val, "split"] = "val"
+    frame.loc[test, "split"] = "test"
+    check_split(frame)
+    return frame
+
+
+def _patient_groups(frame: pd.DataFrame) -> pd.Series:
+    # The first patient seen with a given sha256 names the group of every patient holding it.
+    first_patient_by_sha = {}
+    group_of_patient = {}
+    for patient, sha in zip(frame["patient_id"], frame["sha256"]):
+        if sha:
+            owner = first_patient_by_sha.setdefault(sha, patient)
+            group_of_patient.setdefault(patient, group_of_patient.get(owner, owner))
+        group_of_patient.setdefault(patient, patient)
+    return frame["patient_id"].map(group_of_patient)
+
+
+def check_split(frame: pd.DataFrame) -> None:
+    """Refuse any split where a patient or an image file is in two of train/val/test."""
+    used = frame[frame["split"].isin(["train", "val", "test"])]
+    for column in ("patient_id", "sha256"):
+        values = used[used[column] != ""]
+        spread = values.groupby(column)["split"].nunique()
+        leaked = spread[spread > 1]
+        if len(leaked):
+            raise SplitLeakError(
+                f"{len(leaked)} {column} value(s) appear in more than one split, "
+                f"e.g. {list(leaked.index[:3])}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors for training
+# --------------------------------------------------------------------------------------------
+
+def prepare_all(paths: list[str], size: int, cache_dir: str | Path | None = None,
+                description: str = "decoding") -> torch.Tensor:
+    """Decode and prepare every image once: (N, 1, size, size) uint8, cached on disk by content."""
+    key = hashlib.sha256(f"{PREPROCESSING_VERSION}|{size}|{'|'.join(paths)}".encode()).hexdigest()[:20]
+    cache_file = Path(cache_dir) / f"images-{key}.npy" if cache_dir else None
+    if cache_file and cache_file.exists():
+        return torch.from_numpy(np.load(cache_file))
+    images = torch.stack([prepare(p, size) for p in tqdm(paths, desc=description, unit="img")])
+    if cache_file:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache_file, images.numpy())
+    return images
+
+
+def training_augmentation(rotation: float = 10.0, brightness: float = 0.3, contrast: float = 0.3,
+                          erase_probability: float = 0.25) -> v2.Compose:
+    """The 2020 recipe (rotation, brightness) plus small shifts, zoom, contrast and erasing.
+
+    Random erasing of a patch makes the network gather evidence from more than one spot, which
+    keeps it from leaning on a single marker or border."""
+    return v2.Compose([
+        v2.RandomAffine(degrees=rotation, translate=(0.06, 0.06), scale=(0.9, 1.1)),
+        v2.ColorJitter(brightness=brightness, contrast=contrast),
+        v2.RandomErasing(p=erase_probability, scale=(0.02, 0.1), value=0),
+    ])
+
+
+@dataclass
+class XrayTensors(torch.utils.data.Dataset):
+    """Prepared uint8 images with class indices; augmentation applied per sample."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    augment: v2.Compose | None = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        return image, self.targets[index]

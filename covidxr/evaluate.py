@@ -1,0 +1,306 @@
+"""Evaluation stage: honest metrics for a checkpoint on images it has not seen.
+
+    python -m covidxr.evaluate --checkpoint runs/x/model.safetensors \
+        --manifest ../shared/data/cxr/manifest.csv --split-csv runs/x/split.csv --out runs/x/eval
+
+Reports accuracy; per class sensitivity, specificity, PPV and NPV with 95% Wilson intervals;
+one-vs-rest AUROC with a bootstrap interval; the confusion matrix; all of it again per
+`age_group` and per `source_dataset`; the COVID false negatives by file; how images of labels
+the model was never trained on (SARS, or pneumonia for a binary model) are called; and a
+side-by-side table against the 2020 tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy.stats import binomtest  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
+
+from .data import parse_filters, read_manifest, select  # noqa: E402
+from .predictor import Predictor  # noqa: E402
+
+# The 2020 demo's published numbers (206 PA COVID vs 206 Kermany normals, binary).
+REFERENCE_2020 = {
+    "train_accuracy": 0.945,
+    "test_accuracy": 0.893,
+    "covid_false_negatives": 5,
+    "pneumonia_called_covid": (2, 206),
+    "sars_called_covid": (8, 8),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+def proportion(successes: int, total: int) -> dict:
+    """A rate with its 95% Wilson score interval; None where there is nothing to count."""
+    if total == 0:
+        return {"value": None, "ci95": None, "k": 0, "n": 0}
+    interval = binomtest(int(successes), int(total)).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"value": successes / total, "ci95": [float(interval.low), float(interval.high)],
+            "k": int(successes), "n": int(total)}
+
+
+def auroc(is_positive: np.ndarray, scores: np.ndarray, bootstrap: int = 500, seed: int = 0) -> dict:
+    """One-vs-rest AUROC with a percentile bootstrap interval; None when one side is empty."""
+    if is_positive.all() or not is_positive.any():
+        return {"value": None, "ci95": None}
+    value = float(roc_auc_score(is_positive, scores))
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        index = rng.integers(0, len(scores), len(scores))
+        if is_positive[index].all() or not is_positive[index].any():
+            continue
+        samples.append(roc_auc_score(is_positive[index], scores[index]))
+    low, high = np.percentile(samples, [2.5, 97.5]) if samples else (value, value)
+    return {"value": value, "ci95": [float(low), float(high)]}
+
+
+def classification_metrics(true_index: np.ndarray, predicted_index: np.ndarray,
+                           probabilities: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, confusion matrix and per-class rates for in-class rows."""
+    matrix = confusion_matrix(true_index, predicted_index, labels=range(len(classes)))
+    per_class = {}
+    for k, name in enumerate(classes):
+        tp = int(matrix[k, k])
+        fn = int(matrix[k].sum() - tp)
+        fp = int(matrix[:, k].sum() - tp)
+        tn = int(matrix.sum() - tp - fn - fp)
+        per_class[name] = {
+            "sensitivity": proportion(tp, tp + fn),
+            "specificity": proportion(tn, tn + fp),
+            "ppv": proportion(tp, tp + fp),
+            "npv": proportion(tn, tn + fn),
+            "auroc": auroc(true_index == k, probabilities[:, k]),
+            "support": tp + fn,
+        }
+    return {
+        "n": int(len(true_index)),
+        "accuracy": proportion(int(np.trace(matrix)), int(matrix.sum())),
+        "confusion_matrix": matrix.tolist(),
+        "per_class": per_class,
+    }
+
+
+def evaluate_predictions(frame: pd.DataFrame, probabilities: np.ndarray, predicted_index: np.ndarray,
+                         classes: list[str]) -> dict:
+    """The full report for rows of `frame` (columns target, label, filename, age_group,
+    source_dataset) with the model's probabilities and decided classes."""
+    frame = frame.reset_index(drop=True)
+    predicted = np.asarray(classes)[predicted_index]
+    in_class = frame["target"].isin(classes).to_numpy()
+    true_index = np.array([classes.index(t) if t in classes else -1 for t in frame["target"]])
+
+    def metrics_for(mask):
+        return classification_metrics(true_index[mask], predicted_index[mask], probabilities[mask], classes)
+
+    report = {"classes": classes, "overall": metrics_for(in_class), "by_age_group": {}, "by_source": {}}
+    for column, key in (("age_group", "by_age_group"), ("source_dataset", "by_source")):
+        for value in sorted(v for v in frame[column].unique() if v):
+            mask = in_class & (frame[column] == value).to_numpy()
+            if mask.any():
+                report[key][value] = metrics_for(mask)
+
+    # Rows whose label the model has no class for: how are they called?
+    report["out_of_class"] = {}
+    for label in sorted(frame.loc[~in_class, "label"].unique()):
+        mask = (~in_class) & (frame["label"] == label).to_numpy()
+        report["out_of_class"][label] = {
+            "n": int(mask.sum()),
+            "called": {c: int((predicted[mask] == c).sum()) for c in classes},
+        }
+
+    if "covid" in classes:
+        covid = classes.index("covid")
+        missed = in_class & (true_index == covid) & (predicted_index != covid)
+        report["covid_false_negatives"] = [
+            {"filename": frame.at[i, "filename"], "source_dataset": frame.at[i, "source_dataset"],
+             "view": frame.at[i, "view"], "called": predicted[i],
+             "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probabilities[i])}}
+            for i in np.flatnonzero(missed)]
+        adult_normal = in_class & (frame["target"] == "normal").to_numpy() & (frame["age_group"] == "adult").to_numpy()
+        report["adult_normals_called_covid"] = proportion(int((predicted_index[adult_normal] == covid).sum()),
+                                                          int(adult_normal.sum()))
+        report["comparison_2020"] = _comparison_2020(report, frame, predicted, in_class)
+    return report
+
+
+def _comparison_2020(report: dict, frame: pd.DataFrame, predicted: np.ndarray, in_class: np.ndarray) -> dict:
+    def called_covid(label):
+        mask = (frame["label"] == label).to_numpy()
+        return proportion(int((predicted[mask] == "covid").sum()), int(mask.sum()))
+
+    covid = report["overall"]["per_class"]["covid"]
+    return {
+        "test_accuracy": report["overall"]["accuracy"],
+        "covid_false_negatives": {"k": len(report["covid_false_negatives"]), "n": covid["support"]},
+        "pneumonia_called_covid": called_covid("pneumonia"),
+        "sars_called_covid": called_covid("sars"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Running a checkpoint over a manifest
+# --------------------------------------------------------------------------------------------
+
+def unseen_rows(frame: pd.DataFrame, split_csv: str | Path | None) -> pd.DataFrame:
+    """Drop every row of a patient (or image) the model was trained or tuned on."""
+    if not split_csv:
+        return frame
+    split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
+    seen = split[split["split"].isin(["train", "val"])]
+    keep = ~frame["patient_id"].isin(seen["patient_id"])
+    if "sha256" in seen:
+        keep &= ~(frame["sha256"].isin(seen["sha256"]) & (frame["sha256"] != ""))
+    return frame[keep].reset_index(drop=True)
+
+
+def evaluate_checkpoint(predictor: Predictor, frame: pd.DataFrame, progress: bool = True) -> tuple[dict, np.ndarray]:
+    probabilities = np.array([list(p.probabilities.values())
+                              for p in predictor.predict_batch(frame["path"], progress=progress)])
+    return evaluate_predictions(frame, probabilities, predictor.decide(probabilities), predictor.classes), probabilities
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the report
+# --------------------------------------------------------------------------------------------
+
+def _fmt(rate: dict | None) -> str:
+    if not rate or rate.get("value") is None:
+        return "n/a"
+    low, high = rate["ci95"]
+    return f"{rate['value']:.3f} ({low:.2f}-{high:.2f})"
+
+
+def _metrics_table(metrics: dict, classes: list[str]) -> list[str]:
+    lines = [f"accuracy {_fmt(metrics['accuracy'])}, n = {metrics['n']}", "",
+             "| class | n | sensitivity | specificity | PPV | NPV | AUROC |",
+             "|---|---|---|---|---|---|---|"]
+    for name in classes:
+        m = metrics["per_class"][name]
+        lines.append(f"| {name} | {m['support']} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
+                     f"{_fmt(m['ppv'])} | {_fmt(m['npv'])} | {_fmt(m['auroc'])} |")
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    classes = report["classes"]
+    lines = ["# Evaluation report", "", "Values are rates with 95% confidence intervals "
+             "(Wilson for proportions, bootstrap for AUROC).", "", "## Overall", ""]
+    lines += _metrics_table(report["overall"], classes)
+    lines += ["", "Confusion matrix (rows true, columns predicted): " + ", ".join(classes), ""]
+    lines += ["    " + " ".join(f"{v:5d}" for v in row) for row in report["overall"]["confusion_matrix"]]
+    for key, title in (("by_age_group", "By age group"), ("by_source", "By source dataset")):
+        lines += ["", f"## {title}"]
+        for value, metrics in report[key].items():
+            lines += ["", f"### {value}", ""] + _metrics_table(metrics, classes)
+    if report["out_of_class"]:
+        lines += ["", "## Labels the model has no class for", "", "| label | n | " +
+                  " | ".join(f"called {c}" for c in classes) + " |", "|---|---|" + "---|" * len(classes)]
+        for label, row in report["out_of_class"].items():
+            lines.append(f"| {label} | {row['n']} | " + " | ".join(str(row["called"][c]) for c in classes) + " |")
+    if "covid_false_negatives" in report:
+        lines += ["", f"## COVID false negatives ({len(report['covid_false_negatives'])})", ""]
+        lines += [f"- `{fn['filename']}` ({fn['source_dataset']}, {fn['view'] or 'view n/a'}): called "
+                  f"{fn['called']}, p = {fn['probabilities']}" for fn in report["covid_false_negatives"]]
+        lines += ["", f"Adult normals called COVID: {_fmt(report['adult_normals_called_covid'])}"]
+        lines += ["", "## Against the 2020 tool", ""] + comparison_table(report["comparison_2020"])
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(ours: dict) -> list[str]:
+    ref = REFERENCE_2020
+
+    def count(rate):
+        return f"{rate['k']} of {rate['n']}" if rate["n"] else "n/a (none in this set)"
+
+    return [
+        "| measure | 2020 tool | this model |",
+        "|---|---|---|",
+        f"| test accuracy | {ref['test_accuracy']:.3f} | {_fmt(ours['test_accuracy'])} |",
+        f"| COVID false negatives | {ref['covid_false_negatives']} | {count(ours['covid_false_negatives'])} |",
+        f"| pneumonia called COVID | {ref['pneumonia_called_covid'][0]} of {ref['pneumonia_called_covid'][1]} | "
+        f"{count(ours['pneumonia_called_covid'])} |",
+        f"| SARS called COVID | {ref['sars_called_covid'][0]} of {ref['sars_called_covid'][1]} | "
+        f"{count(ours['sars_called_covid'])} |",
+    ]
+
+
+def plot_report(report: dict, frame: pd.DataFrame, probabilities: np.ndarray, out_dir: Path) -> None:
+    classes = report["classes"]
+    figure, axis = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay(np.array(report["overall"]["confusion_matrix"]), display_labels=classes).plot(
+        ax=axis, colorbar=False, cmap="Blues")
+    axis.set_title("Confusion matrix (test)")
+    figure.tight_layout()
+    figure.savefig(out_dir / "confusion_matrix.png", dpi=120)
+    plt.close(figure)
+
+    in_class = frame["target"].isin(classes).to_numpy()
+    figure, axis = plt.subplots(figsize=(4.5, 4))
+    for k, name in enumerate(classes):
+        positive = (frame["target"].to_numpy()[in_class] == name)
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probabilities[in_class, k])
+        auc = report["overall"]["per_class"][name]["auroc"]["value"]
+        axis.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    axis.set_xlabel("1 - specificity")
+    axis.set_ylabel("sensitivity")
+    axis.set_title("One-vs-rest ROC (test)")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out_dir / "roc.png", dpi=120)
+    plt.close(figure)
+
+
+def write_report(report: dict, frame: pd.DataFrame, probabilities: np.ndarray, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(render_markdown(report))
+    predictions = frame[["filename", "label", "target", "age_group", "source_dataset"]].copy()
+    for k, name in enumerate(report["classes"]):
+        predictions[f"p_{name}"] = probabilities[:, k].round(5)
+    predictions.to_csv(out_dir / "predictions.csv", index=False)
+    plot_report(report, frame, probabilities, out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
+    parser.add_argument("--manifest", required=True, help="manifest CSV or folder-per-class tree")
+    parser.add_argument("--split-csv", help="a run's split.csv: leaves out its train and val patients")
+    parser.add_argument("--filter", action="append", help="COLUMN=VALUE[,VALUE], e.g. view=PA")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N rows (smoke tests)")
+    parser.add_argument("--out", default="runs/eval", help="folder for report.md, metrics.json, plots")
+    args = parser.parse_args(argv)
+
+    predictor = Predictor.load(args.checkpoint)
+    label_map = predictor.config.get("label_map") or {c: c for c in predictor.classes}
+    frame = select(read_manifest(args.manifest), parse_filters(args.filter), label_map)
+    frame = unseen_rows(frame, args.split_csv)
+    if args.limit:
+        frame = frame.head(args.limit)
+    report, probabilities = evaluate_checkpoint(predictor, frame)
+    out_dir = write_report(report, frame, probabilities, args.out)
+    print(render_markdown(report))
+    print(f"written to {out_dir}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Model stage: the networks covidxr can train, each with its Grad-CAM layer named.
+
+`cxrnet` is designed here for 1-channel X-rays: a compact residual network (about 5M
+parameters, like the 2020 tool) that is cheap enough to train from scratch on a CPU.
+The torchvision architectures are offered for comparison, trained from scratch too (no
+pretrained weights can be downloaded here).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+from torchvision.models.resnet import BasicBlock
+
+
+class CXRNet(nn.Module):
+    """Residual CNN for grayscale chest X-rays.
+
+    stem (stride 4) -> four residual stages (strides 1, 2, 2, 2) -> global average pool ->
+    dropout -> linear. `stage4` is the last convolutional stage, the Grad-CAM target: at a
+    224-px input its 7x7 map still resolves left/right and upper/lower lung zones.
+    """
+
+    def __init__(self, num_classes: int, widths=(32, 64, 160, 320), blocks=(2, 2, 2, 2),
+                 dropout: float = 0.2):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, widths[0], 5, stride=2, padding=2, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        stages = []
+        in_channels = widths[0]
+        for index, (width, depth) in enumerate(zip(widths, blocks)):
+            stride = 1 if index == 0 else 2
+            stages.append(_stage(in_channels, width, depth, stride))
+            in_channels = width
+        self.stage1, self.stage2, self.stage3, self.stage4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(in_channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        # Zero the last BN of each block so every residual block starts as identity.
+        for module in self.modules():
+            if isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stage4(self.stage3(self.stage2(self.stage1(x))))
+        return torch.flatten(self.pool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.features(x)))
+
+
+def _stage(in_channels: int, width: int, depth: int, stride: int) -> nn.Sequential:
+    downsample = None
+    if stride != 1 or in_channels != width:
+        downsample = nn.Sequential(nn.Conv2d(in_channels, width, 1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(width))
+    layers = [BasicBlock(in_channels, width, stride=stride, downsample=downsample)]
+    layers += [BasicBlock(width, width) for _ in range(depth - 1)]
+    return nn.Sequential(*layers)
+
+
+def _grayscale_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """The same first convolution, taking 1 input channel instead of 3."""
+    return nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     bias=conv.bias is not None)
+
+
+def _resnet18(num_classes: int) -> nn.Module:
+    model = tv_models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = _grayscale_conv(model.conv1)
+    return model
+
+
+def _densenet121(num_classes: int) -> nn.Module:
+    model = tv_models.densenet121(weights=None, num_classes=num_classes)
+    model.features.conv0 = _grayscale_conv(model.features.conv0)
+    return model
+
+
+def _efficientnet_b0(num_classes: int) -> nn.Module:
+    model = tv_models.efficientnet_b0(weights=None, num_classes=num_classes)
+    model.features[0][0] = _grayscale_conv(model.features[0][0])
+    return model
+
+
+# arch name -> (builder, name of the module whose activations Grad-CAM explains)
+ARCHITECTURES = {
+    "cxrnet": (CXRNet, "stage4"),
+    "resnet18": (_resnet18, "layer4"),
+    "densenet121": (_densenet121, "features.norm5"),
+    "efficientnet_b0": (_efficientnet_b0, "features.8"),
+}
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch][0](num_classes)
+
+
+def gradcam_layer_name(arch: str) -> str:
+    return ARCHITECTURES[arch][1]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,103 @@
+"""Serving stage: `Predictor`, the one way to run a trained model on images.
+
+    from covidxr import Predictor
+    predictor = Predictor.load()               # the shipped model
+    result = predictor.predict("xray.png")     # path, PIL image or numpy array
+    result.label, result.probabilities          # 'covid', {'covid': 0.91, ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import normalise, prepare
+from .model import build_model
+
+SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "covidxr-cxrnet.safetensors"
+
+
+@dataclass
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+def decide(probabilities: np.ndarray, classes: list[str], decision: dict | None) -> np.ndarray:
+    """Class indices from probabilities (N, C) under the checkpoint's decision rule.
+
+    Rule "argmax": the most probable class. Rule "threshold": call `class` whenever its
+    probability reaches `threshold` (an operating point chosen on validation data to trade
+    sensitivity against specificity), otherwise the most probable of the other classes.
+    """
+    probabilities = np.asarray(probabilities)
+    if not decision or decision.get("rule", "argmax") == "argmax":
+        return probabilities.argmax(1)
+    target = classes.index(decision["class"])
+    others = probabilities.copy()
+    others[:, target] = -1.0
+    return np.where(probabilities[:, target] >= decision["threshold"], target, others.argmax(1))
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, config: dict, device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.config = config
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | None = None) -> "Predictor":
+        """The shipped model, or the checkpoint at `path`."""
+        path = Path(path) if path else SHIPPED_CHECKPOINT
+        state, config = load_checkpoint(path)
+        model = build_model(config["arch"], len(config["classes"]))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{path}: weights do not fit architecture {config['arch']!r} with "
+                f"{len(config['classes'])} classes: {str(error).splitlines()[0]}") from error
+        return cls(model, config, device)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    def prepare(self, image) -> torch.Tensor:
+        """(1, S, S) uint8 tensor for a path, PIL image or numpy array."""
+        return prepare(image, self.config["input_size"])
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """Softmax probabilities (N, C) for prepared uint8 images (N, 1, S, S)."""
+        norm = self.config["normalisation"]
+        inputs = normalise(batch.to(self.device), norm["mean"], norm["std"])
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return torch.softmax(self.model(inputs).float(), dim=1).cpu().numpy()
+
+    def decide(self, probabilities: np.ndarray) -> np.ndarray:
+        return decide(probabilities, self.classes, self.config.get("decision"))
+
+    def _predictions(self, probabilities: np.ndarray) -> list[Prediction]:
+        labels = self.decide(probabilities)
+        return [Prediction(label=self.classes[index],
+                           probabilities={c: float(p) for c, p in zip(self.classes, row)})
+                for index, row in zip(labels, probabilities)]
+
+    def predict(self, image) -> Prediction:
+        return self._predictions(self.probabilities(self.prepare(image)[None]))[0]
+
+    def predict_batch(self, images, batch_size: int = 32, progress: bool = False) -> list[Prediction]:
+        images = list(images)
+        results = []
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
+            batch = torch.stack([self.prepare(image) for image in images[start:start + batch_size]])
+            results += self._predictions(self.probabilities(batch))
+        return results

@@ -1,0 +1,292 @@
+"""Training stage: from a manifest to a run folder holding a self-describing checkpoint.
+
+A run folder gets: model.safetensors, split.csv, args.json, history.csv, curves.png and the
+test evaluation (report.md, metrics.json, confusion_matrix.png, roc.png, predictions.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .checkpoint import save_checkpoint  # noqa: E402
+from .data import (XrayTensors, data_hash, normalise, parse_filters, parse_label_map,  # noqa: E402
+                   prepare_all, read_manifest, select, split_by_patient, training_augmentation)
+from .evaluate import evaluate_predictions, write_report  # noqa: E402
+from .model import build_model, count_parameters, gradcam_layer_name  # noqa: E402
+from .predictor import Predictor  # noqa: E402
+
+# After equalisation pixel values are close to uniform on [0, 1]: mean 0.5, std 1/sqrt(12).
+NORMALISATION = {"method": "equalize", "mean": 0.5, "std": 0.289}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a covidxr classifier; writes a run folder.")
+    parser.add_argument("--manifest", default="../shared/data/cxr/manifest.csv",
+                        help="manifest CSV, or a folder with one sub-folder per class")
+    parser.add_argument("--classes", nargs="+", default=["covid", "normal", "pneumonia"])
+    parser.add_argument("--filter", action="append", default=[],
+                        help="keep rows where COLUMN is one of VALUES: COLUMN=V1[,V2]; repeatable")
+    parser.add_argument("--label-map", action="append", default=[],
+                        help="SOURCE_LABEL=CLASS: also feed SOURCE_LABEL images to CLASS; repeatable")
+    parser.add_argument("--arch", default="cxrnet", choices=["cxrnet", "resnet18", "densenet121", "efficientnet_b0"])
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--label-smoothing", type=float, default=0.05)
+    parser.add_argument("--patience", type=int, default=10, help="epochs without validation gain before stopping")
+    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--operating-point", choices=["youden", "argmax"], default="youden",
+                        help="how the COVID decision threshold is set on validation data")
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--max-per-class", type=int, help="use at most N patients' images per class (quick runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--cache-dir", default=".cache", help="where decoded images are cached")
+    parser.add_argument("--out", default=None, help="run folder (default runs/<date>-<arch>)")
+    return parser
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def code_version() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def limit_patients(frame: pd.DataFrame, max_per_class: int, seed: int) -> pd.DataFrame:
+    """Keep the images of at most `max_per_class` patients per class (and per eval-only label)."""
+    keep = []
+    for _, rows in frame.groupby(frame["target"].where(frame["target"] != "", frame["label"])):
+        patients = rows["patient_id"].drop_duplicates().sample(frac=1, random_state=seed)[:max_per_class]
+        keep.append(rows[rows["patient_id"].isin(patients)])
+    return pd.concat(keep).sort_index().reset_index(drop=True)
+
+
+def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1), so each class pulls equally on the loss."""
+    counts = torch.bincount(targets, minlength=num_classes).float().clamp(min=1)
+    weights = counts.sum() / (num_classes * counts)
+    return weights / weights.mean()
+
+
+def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
+                          batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = normalise(images[start:start + batch_size].to(device), NORMALISATION["mean"], NORMALISATION["std"])
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                logits = model(batch.contiguous(memory_format=torch.channels_last))
+            outputs.append(torch.softmax(logits.float(), 1).cpu())
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0))
+
+
+def macro_auroc(targets: np.ndarray, probabilities: np.ndarray) -> float:
+    scores = [roc_auc_score(targets == k, probabilities[:, k])
+              for k in range(probabilities.shape[1]) if 0 < (targets == k).sum() < len(targets)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def choose_operating_point(targets: np.ndarray, probabilities: np.ndarray, classes: list[str],
+                           method: str) -> dict:
+    """The COVID threshold that maximises sensitivity + specificity (Youden's J) on validation.
+
+    Among equal J the lower threshold wins: a missed COVID case costs more than a false alarm.
+    """
+    if method == "argmax" or "covid" not in classes:
+        return {"rule": "argmax"}
+    covid = classes.index("covid")
+    positive = targets == covid
+    if positive.all() or not positive.any():
+        return {"rule": "argmax"}
+    fpr, tpr, thresholds = roc_curve(positive, probabilities[:, covid])
+    j = tpr - fpr
+    best = np.flatnonzero(j == j.max())
+    threshold = float(np.clip(thresholds[best].min(), 0.05, 0.95))
+    return {"rule": "threshold", "class": "covid", "threshold": round(threshold, 4),
+            "chosen_on": "validation", "method": "youden"}
+
+
+def plot_history(history: pd.DataFrame, path: Path) -> None:
+    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
+    loss_axis.plot(history["epoch"], history["train_loss"], label="train")
+    loss_axis.plot(history["epoch"], history["val_loss"], label="validation")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("cross-entropy")
+    loss_axis.legend()
+    score_axis.plot(history["epoch"], history["train_accuracy"], label="train accuracy")
+    score_axis.plot(history["epoch"], history["val_accuracy"], label="val accuracy")
+    score_axis.plot(history["epoch"], history["val_macro_auroc"], label="val macro AUROC")
+    score_axis.set_xlabel("epoch")
+    score_axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def train(args: argparse.Namespace) -> Path:
+    generator = seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.arch}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+
+    # Data: select, split by patient, decode once.
+    label_map = parse_label_map(args.label_map, args.classes)
+    frame = select(read_manifest(args.manifest), parse_filters(args.filter), label_map)
+    if args.max_per_class:
+        frame = limit_patients(frame, args.max_per_class, args.seed)
+    frame = split_by_patient(frame, args.seed, args.val_fraction, args.test_fraction)
+    frame.drop(columns=["path"]).to_csv(out_dir / "split.csv", index=False)
+    images = prepare_all(list(frame["path"]), args.input_size, args.cache_dir)
+    targets = torch.tensor([args.classes.index(t) if t else -1 for t in frame["target"]])
+    index = {name: np.flatnonzero(frame["split"].to_numpy() == name) for name in ("train", "val", "test")}
+    counts = frame[frame["split"] != "eval_only"].groupby(["split", "target"]).size()
+    print("images per split and class:\n" + counts.unstack(fill_value=0).to_string())
+
+    # Model and optimisation.
+    model = build_model(args.arch, len(args.classes)).to(device).to(memory_format=torch.channels_last)
+    train_set = XrayTensors(images[index["train"]], targets[index["train"]],
+                            None if args.no_augment else training_augmentation())
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                                         generator=generator, drop_last=len(train_set) > args.batch_size)
+    criterion = nn.CrossEntropyLoss(weight=class_weights(train_set.targets, len(args.classes)).to(device),
+                                    label_smoothing=args.label_smoothing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
+                                                    steps_per_epoch=max(1, len(loader)), pct_start=0.15)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
+    val_targets = targets[index["val"]].numpy()
+
+    history, best, best_state, stale = [], (-np.inf, np.inf), None, 0
+    epochs = tqdm(range(1, args.epochs + 1), desc=f"training {args.arch}", unit="epoch")
+    for epoch in epochs:
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        for batch, batch_targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch"):
+            batch = normalise(batch.to(device), NORMALISATION["mean"], NORMALISATION["std"])
+            batch_targets = batch_targets.to(device)
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                logits = model(batch.contiguous(memory_format=torch.channels_last))
+                loss = criterion(logits.float(), batch_targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total_loss += loss.item() * len(batch_targets)
+            correct += (logits.argmax(1) == batch_targets).sum().item()
+            seen += len(batch_targets)
+
+        val_probabilities = predict_probabilities(model, images[index["val"]], device)
+        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probabilities).clamp_min(1e-7)),
+                                                torch.from_numpy(val_targets)))
+        record = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                  "val_loss": val_loss, "val_accuracy": float((val_probabilities.argmax(1) == val_targets).mean()),
+                  "val_macro_auroc": macro_auroc(val_targets, val_probabilities)}
+        history.append(record)
+        epochs.set_postfix(loss=f"{record['train_loss']:.3f}", val_loss=f"{val_loss:.3f}",
+                           val_auc=f"{record['val_macro_auroc']:.3f}")
+        # Best = highest validation macro AUROC, ties broken by lower validation loss.
+        score = (np.nan_to_num(record["val_macro_auroc"], nan=0.0), val_loss)
+        if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
+            best, best_state, stale = score, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= args.patience:
+                tqdm.write(f"early stop at epoch {epoch}: no validation gain for {args.patience} epochs")
+                break
+    history = pd.DataFrame(history)
+    history.to_csv(out_dir / "history.csv", index=False)
+    plot_history(history, out_dir / "curves.png")
+    model.load_state_dict(best_state)
+    best_epoch = int(history.loc[history["val_macro_auroc"].fillna(0).idxmax(), "epoch"])
+
+    # Decision rule from validation, then the test evaluation of the chosen model.
+    val_probabilities = predict_probabilities(model, images[index["val"]], device)
+    config = {
+        "arch": args.arch,
+        "classes": list(args.classes),
+        "label_map": label_map,
+        "input_size": args.input_size,
+        "normalisation": NORMALISATION,
+        "gradcam_layer": gradcam_layer_name(args.arch),
+        "decision": choose_operating_point(val_targets, val_probabilities, args.classes, args.operating_point),
+        "parameters": count_parameters(model),
+        "data": {
+            "manifest": str(args.manifest),
+            "filters": args.filter,
+            "train_data_sha256": data_hash(frame.iloc[index["train"]]),
+            "images": {name: int(len(ix)) for name, ix in index.items()},
+            "split_seed": args.seed,
+        },
+        "training": {key: value for key, value in vars(args).items() if key not in ("manifest", "out")}
+        | {"best_epoch": best_epoch, "epochs_run": int(len(history)), "device": device.type},
+        "code_version": code_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    predictor = Predictor(model, config, device)
+    unseen = frame[frame["split"].isin(["test", "eval_only"])].reset_index(drop=True)
+    unseen_index = np.flatnonzero(frame["split"].isin(["test", "eval_only"]).to_numpy())
+    probabilities = predict_probabilities(model, images[unseen_index], device)
+    report = evaluate_predictions(unseen, probabilities, predictor.decide(probabilities), args.classes)
+    train_probabilities = predict_probabilities(model, images[index["train"]], device)
+    report["train_accuracy"] = float((predictor.decide(train_probabilities) == targets[index["train"]].numpy()).mean())
+    write_report(report, unseen, probabilities, out_dir)
+    config["metrics"] = summarise(report)
+    save_checkpoint(out_dir / "model.safetensors", model, config)
+    print(f"test: {json.dumps(config['metrics'])}")
+    print(f"run folder: {out_dir}")
+    return out_dir
+
+
+def summarise(report: dict) -> dict:
+    """The headline test numbers a checkpoint carries about itself."""
+    overall = report["overall"]
+    summary = {"split": "test", "n": overall["n"], "accuracy": overall["accuracy"]["value"],
+               "train_accuracy": report.get("train_accuracy")}
+    for name, m in overall["per_class"].items():
+        summary[name] = {"sensitivity": m["sensitivity"]["value"], "specificity": m["specificity"]["value"],
+                         "auroc": m["auroc"]["value"]}
+    if "adult_normals_called_covid" in report:
+        summary["adult_normals_called_covid"] = report["adult_normals_called_covid"]["value"]
+        summary["sars_called_covid"] = report["comparison_2020"]["sars_called_covid"]
+    return summary
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return train(build_parser().parse_args(argv))
