@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
@@ -110,7 +110,7 @@ def _numpy_to_gray(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def prepare(image, size: int) -> torch.Tensor:
+def prepare(image, size: int, equalize: bool = True) -> torch.Tensor:
     """The model's view of an image: a (1, size, size) uint8 tensor, resized and equalised.
 
     Histogram equalisation maps every source's contrast and windowing onto one intensity
@@ -119,7 +119,7 @@ def prepare(image, size: int) -> torch.Tensor:
     gray = torch.from_numpy(load_grayscale(image))[None]
     resized = TF.resize(gray, [size, size], antialias=True)
     as_uint8 = (resized.clamp(0, 1) * 255).round().to(torch.uint8)
-    return TF.equalize(as_uint8)
+    return TF.equalize(as_uint8) if equalize else as_uint8
 
 
 def normalise(batch: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -232,8 +232,15 @@ def split_by_patient(frame: pd.DataFrame, seed: int, val_fraction: float = 0.15,
 
     def carve(index, fraction, salt):
         n_splits = max(2, round(1 / fraction))
-        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + salt)
-        _, held = next(folds.split(index, strata.loc[index], groups.loc[index]))
+        labels = strata.loc[index]
+        if labels.value_counts().min() < n_splits:
+            labels = sub.loc[index, "target"]  # too few per source: stratify by class alone
+        if labels.value_counts().min() < n_splits:
+            # Very small sets (quick runs): plain patient-grouped shuffle.
+            folds = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed + salt)
+        else:
+            folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + salt)
+        _, held = next(folds.split(index, labels, groups.loc[index]))
         return index[held]
 
     test = carve(sub.index, test_fraction, 0)
@@ -275,14 +282,15 @@ def check_split(frame: pd.DataFrame) -> None:
 # Tensors for training
 # --------------------------------------------------------------------------------------------
 
-def prepare_all(paths: list[str], size: int, cache_dir: str | Path | None = None,
+def prepare_all(paths: list[str], size: int, equalize: bool = True, cache_dir: str | Path | None = None,
                 description: str = "decoding") -> torch.Tensor:
     """Decode and prepare every image once: (N, 1, size, size) uint8, cached on disk by content."""
-    key = hashlib.sha256(f"{PREPROCESSING_VERSION}|{size}|{'|'.join(paths)}".encode()).hexdigest()[:20]
+    key = f"{PREPROCESSING_VERSION}|{size}|{equalize}|{'|'.join(paths)}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:20]
     cache_file = Path(cache_dir) / f"images-{key}.npy" if cache_dir else None
     if cache_file and cache_file.exists():
         return torch.from_numpy(np.load(cache_file))
-    images = torch.stack([prepare(p, size) for p in tqdm(paths, desc=description, unit="img")])
+    images = torch.stack([prepare(p, size, equalize) for p in tqdm(paths, desc=description, unit="img")])
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache_file, images.numpy())

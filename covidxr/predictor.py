@@ -71,7 +71,7 @@ class Predictor:
 
     def prepare(self, image) -> torch.Tensor:
         """(1, S, S) uint8 tensor for a path, PIL image or numpy array."""
-        return prepare(image, self.config["input_size"])
+        return prepare(image, self.config["input_size"], self.config["normalisation"]["method"] == "equalize")
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:

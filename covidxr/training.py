@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.optim.swa_utils import get_ema_multi_avg_fn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__  # noqa: E402
@@ -33,8 +34,14 @@ from .evaluate import evaluate_predictions, write_report  # noqa: E402
 from .model import build_model, count_parameters, gradcam_layer_name  # noqa: E402
 from .predictor import Predictor  # noqa: E402
 
-# After equalisation pixel values are close to uniform on [0, 1]: mean 0.5, std 1/sqrt(12).
-NORMALISATION = {"method": "equalize", "mean": 0.5, "std": 0.289}
+
+
+def normalisation(equalize: bool) -> dict:
+    # After equalisation pixel values are close to uniform on [0, 1]: mean 0.5, std 1/sqrt(12).
+    # Min-max stretched X-rays sit a little brighter and narrower.
+    if equalize:
+        return {"method": "equalize", "mean": 0.5, "std": 0.289}
+    return {"method": "minmax", "mean": 0.5, "std": 0.25}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--patience", type=int, default=10, help="epochs without validation gain before stopping")
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--no-equalize", action="store_true",
+                        help="min-max stretch only, no histogram equalisation")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="decay of an exponential moving average of the weights (0 = off)")
     parser.add_argument("--operating-point", choices=["youden", "argmax"], default="youden",
                         help="how the COVID decision threshold is set on validation data")
     parser.add_argument("--val-fraction", type=float, default=0.15)
@@ -100,13 +112,13 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights / weights.mean()
 
 
-def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
+def predict_probabilities(model: nn.Module, images: torch.Tensor, norm: dict, device: torch.device,
                           batch_size: int = 64) -> np.ndarray:
     model.eval()
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = normalise(images[start:start + batch_size].to(device), NORMALISATION["mean"], NORMALISATION["std"])
+            batch = normalise(images[start:start + batch_size].to(device), norm["mean"], norm["std"])
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 logits = model(batch.contiguous(memory_format=torch.channels_last))
             outputs.append(torch.softmax(logits.float(), 1).cpu())
@@ -172,7 +184,8 @@ def train(args: argparse.Namespace) -> Path:
         frame = limit_patients(frame, args.max_per_class, args.seed)
     frame = split_by_patient(frame, args.seed, args.val_fraction, args.test_fraction)
     frame.drop(columns=["path"]).to_csv(out_dir / "split.csv", index=False)
-    images = prepare_all(list(frame["path"]), args.input_size, args.cache_dir)
+    norm = normalisation(not args.no_equalize)
+    images = prepare_all(list(frame["path"]), args.input_size, not args.no_equalize, args.cache_dir)
     targets = torch.tensor([args.classes.index(t) if t else -1 for t in frame["target"]])
     index = {name: np.flatnonzero(frame["split"].to_numpy() == name) for name in ("train", "val", "test")}
     counts = frame[frame["split"] != "eval_only"].groupby(["split", "target"]).size()
@@ -186,7 +199,15 @@ def train(args: argparse.Namespace) -> Path:
                                          generator=generator, drop_last=len(train_set) > args.batch_size)
     criterion = nn.CrossEntropyLoss(weight=class_weights(train_set.targets, len(args.classes)).to(device),
                                     label_smoothing=args.label_smoothing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # An average of recent weights generalises better than the last step's weights on small data.
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+           if args.ema else None)
+    evaluated = ema.module if ema else model
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
                                                     steps_per_epoch=max(1, len(loader)), pct_start=0.15)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
@@ -198,7 +219,7 @@ def train(args: argparse.Namespace) -> Path:
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
         for batch, batch_targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch"):
-            batch = normalise(batch.to(device), NORMALISATION["mean"], NORMALISATION["std"])
+            batch = normalise(batch.to(device), norm["mean"], norm["std"])
             batch_targets = batch_targets.to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 logits = model(batch.contiguous(memory_format=torch.channels_last))
@@ -208,11 +229,13 @@ def train(args: argparse.Namespace) -> Path:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema:
+                ema.update_parameters(model)
             total_loss += loss.item() * len(batch_targets)
             correct += (logits.argmax(1) == batch_targets).sum().item()
             seen += len(batch_targets)
 
-        val_probabilities = predict_probabilities(model, images[index["val"]], device)
+        val_probabilities = predict_probabilities(evaluated, images[index["val"]], norm, device)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probabilities).clamp_min(1e-7)),
                                                 torch.from_numpy(val_targets)))
         record = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
@@ -224,7 +247,7 @@ def train(args: argparse.Namespace) -> Path:
         # Best = highest validation macro AUROC, ties broken by lower validation loss.
         score = (np.nan_to_num(record["val_macro_auroc"], nan=0.0), val_loss)
         if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
-            best, best_state, stale = score, copy.deepcopy(model.state_dict()), 0
+            best, best_state, stale = score, copy.deepcopy(evaluated.state_dict()), 0
         else:
             stale += 1
             if stale >= args.patience:
@@ -237,13 +260,13 @@ def train(args: argparse.Namespace) -> Path:
     best_epoch = int(history.loc[history["val_macro_auroc"].fillna(0).idxmax(), "epoch"])
 
     # Decision rule from validation, then the test evaluation of the chosen model.
-    val_probabilities = predict_probabilities(model, images[index["val"]], device)
+    val_probabilities = predict_probabilities(model, images[index["val"]], norm, device)
     config = {
         "arch": args.arch,
         "classes": list(args.classes),
         "label_map": label_map,
         "input_size": args.input_size,
-        "normalisation": NORMALISATION,
+        "normalisation": norm,
         "gradcam_layer": gradcam_layer_name(args.arch),
         "decision": choose_operating_point(val_targets, val_probabilities, args.classes, args.operating_point),
         "parameters": count_parameters(model),
@@ -262,9 +285,9 @@ def train(args: argparse.Namespace) -> Path:
     predictor = Predictor(model, config, device)
     unseen = frame[frame["split"].isin(["test", "eval_only"])].reset_index(drop=True)
     unseen_index = np.flatnonzero(frame["split"].isin(["test", "eval_only"]).to_numpy())
-    probabilities = predict_probabilities(model, images[unseen_index], device)
+    probabilities = predict_probabilities(model, images[unseen_index], norm, device)
     report = evaluate_predictions(unseen, probabilities, predictor.decide(probabilities), args.classes)
-    train_probabilities = predict_probabilities(model, images[index["train"]], device)
+    train_probabilities = predict_probabilities(model, images[index["train"]], norm, device)
     report["train_accuracy"] = float((predictor.decide(train_probabilities) == targets[index["train"]].numpy()).mean())
     write_report(report, unseen, probabilities, out_dir)
     config["metrics"] = summarise(report)

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data" / "cxr"
+MANIFEST = DATA_DIR / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def manifest_frame() -> pd.DataFrame:
+    assert MANIFEST.exists(), f"real data expected at {MANIFEST}"
+    return pd.read_csv(MANIFEST, dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="session")
+def small_manifest(tmp_path_factory, manifest_frame) -> Path:
+    """A manifest of real images: a few patients of every label and source, absolute paths."""
+    rows = (manifest_frame[manifest_frame["label"] != "other"]
+            .groupby(["label", "source_dataset"], group_keys=False)
+            .apply(lambda g: g.sort_values("patient_id").head(4)))
+    rows = rows.assign(filename=[str(DATA_DIR / f) for f in rows["filename"]])
+    path = tmp_path_factory.mktemp("manifest") / "small.csv"
+    rows.to_csv(path, index=False)
+    return path
+
+
+def real_image(manifest_frame, label: str, source: str, position: int = 0) -> Path:
+    row = manifest_frame[(manifest_frame["label"] == label) & (manifest_frame["source_dataset"] == source)]
+    return DATA_DIR / row.iloc[position]["filename"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A real training run, as small as it gets: few patients, small images, one epoch."""
+    from covidxr.training import main
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    main(["--manifest", str(MANIFEST), "--max-per-class", "6", "--epochs", "1", "--input-size", "64",
+          "--batch-size", "8", "--out", str(out), "--cache-dir", str(out / "cache")])
+    return out
