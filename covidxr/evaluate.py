@@ -25,7 +25,9 @@ import pandas as pd  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
 
-from .data import parse_filters, read_manifest, select  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from .data import load_grayscale, parse_filters, read_manifest, select  # noqa: E402
 from .predictor import Predictor  # noqa: E402
 
 # The 2020 demo's published numbers (206 PA COVID vs 206 Kermany normals, binary).
@@ -279,6 +281,41 @@ def write_report(report: dict, frame: pd.DataFrame, probabilities: np.ndarray, o
     return out_dir
 
 
+def write_gallery(predictor: Predictor, frame: pd.DataFrame, report: dict, out_dir: str | Path,
+                  true_positives: int = 6, method: str = "gradcam", seed: int = 0) -> Path | None:
+    """A contact sheet of every COVID false negative and a sample of true positives: the X-ray,
+    the heatmap for covid and the heatmap for the class predicted, with the probabilities."""
+    if "covid" not in report["classes"]:
+        return None
+    predictions = pd.read_csv(Path(out_dir) / "predictions.csv", dtype={"filename": str})
+    missed = [fn["filename"] for fn in report["covid_false_negatives"]]
+    found = frame.loc[(frame["target"] == "covid") & ~frame["filename"].isin(missed), "filename"]
+    found = found.sample(n=min(true_positives, len(found)), random_state=seed).tolist()
+    cases = [(name, "missed") for name in missed] + [(name, "found") for name in found]
+    if not cases:
+        return None
+    paths = dict(zip(frame["filename"], frame["path"]))
+    figure, axes = plt.subplots(len(cases), 3, figsize=(9, 3.1 * len(cases)), squeeze=False)
+    for row, (name, kind) in zip(axes, tqdm(cases, desc="gallery", unit="img")):
+        for_covid = predictor.explain(paths[name], method=method, target="covid")
+        label = for_covid.prediction.label
+        for_label = predictor.explain(paths[name], method=method, target=label)
+        probabilities = ", ".join(f"{c} {p:.2f}" for c, p in for_covid.prediction.probabilities.items())
+        row[0].imshow(load_grayscale(paths[name]), cmap="gray")
+        row[0].set_title(f"{'MISSED' if kind == 'missed' else 'found'}: {Path(name).name[:28]}", fontsize=8)
+        row[1].imshow(for_covid.overlay)
+        row[1].set_title("evidence for covid", fontsize=8)
+        row[2].imshow(for_label.overlay)
+        row[2].set_title(f"evidence for {label} (predicted)\n{probabilities}", fontsize=8)
+        for axis in row:
+            axis.axis("off")
+    figure.tight_layout()
+    path = Path(out_dir) / "covid_gallery.png"
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
@@ -287,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--filter", action="append", help="COLUMN=VALUE[,VALUE], e.g. view=PA")
     parser.add_argument("--limit", type=int, help="evaluate only the first N rows (smoke tests)")
     parser.add_argument("--out", default="runs/eval", help="folder for report.md, metrics.json, plots")
+    parser.add_argument("--no-gallery", action="store_true", help="skip the false-negative heatmap gallery")
     args = parser.parse_args(argv)
 
     predictor = Predictor.load(args.checkpoint)
@@ -297,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
         frame = frame.head(args.limit)
     report, probabilities = evaluate_checkpoint(predictor, frame)
     out_dir = write_report(report, frame, probabilities, args.out)
+    if not args.no_gallery:
+        write_gallery(predictor, frame, report, out_dir)
     print(render_markdown(report))
     print(f"written to {out_dir}")
     return report

@@ -50,6 +50,7 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.config = config
+        self._explainer = None
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None) -> "Predictor":
@@ -73,13 +74,16 @@ class Predictor:
         """(1, S, S) uint8 tensor for a path, PIL image or numpy array."""
         return prepare(image, self.config["input_size"], self.config["normalisation"]["method"] == "equalize")
 
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """Prepared uint8 images (N, 1, S, S) as the normalised float tensor the network takes."""
+        norm = self.config["normalisation"]
+        inputs = normalise(batch.to(self.device), norm["mean"], norm["std"])
+        return inputs.contiguous(memory_format=torch.channels_last)
+
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Softmax probabilities (N, C) for prepared uint8 images (N, 1, S, S)."""
-        norm = self.config["normalisation"]
-        inputs = normalise(batch.to(self.device), norm["mean"], norm["std"])
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return torch.softmax(self.model(inputs).float(), dim=1).cpu().numpy()
+        return torch.softmax(self.model(self.model_input(batch)).float(), dim=1).cpu().numpy()
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         return decide(probabilities, self.classes, self.config.get("decision"))
@@ -92,6 +96,14 @@ class Predictor:
 
     def predict(self, image) -> Prediction:
         return self._predictions(self.probabilities(self.prepare(image)[None]))[0]
+
+    def explain(self, image, method: str = "gradcam", target: str | None = None, opacity: float = 0.4):
+        """A class activation map for `target` (default: the predicted class); see explain.py."""
+        if self._explainer is None:
+            from .explain import Explainer
+
+            self._explainer = Explainer(self)
+        return self._explainer.explain(image, method=method, target=target, opacity=opacity)
 
     def predict_batch(self, images, batch_size: int = 32, progress: bool = False) -> list[Prediction]:
         images = list(images)

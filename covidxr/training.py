@@ -30,7 +30,7 @@ from . import __version__  # noqa: E402
 from .checkpoint import save_checkpoint  # noqa: E402
 from .data import (XrayTensors, data_hash, normalise, parse_filters, parse_label_map,  # noqa: E402
                    prepare_all, read_manifest, select, split_by_patient, training_augmentation)
-from .evaluate import evaluate_predictions, write_report  # noqa: E402
+from .evaluate import evaluate_predictions, write_gallery, write_report  # noqa: E402
 from .model import build_model, count_parameters, gradcam_layer_name  # noqa: E402
 from .predictor import Predictor  # noqa: E402
 
@@ -55,15 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SOURCE_LABEL=CLASS: also feed SOURCE_LABEL images to CLASS; repeatable")
     parser.add_argument("--arch", default="cxrnet", choices=["cxrnet", "resnet18", "densenet121", "efficientnet_b0"])
     parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--label-smoothing", type=float, default=0.05)
-    parser.add_argument("--patience", type=int, default=10, help="epochs without validation gain before stopping")
+    parser.add_argument("--patience", type=int, default=15, help="epochs without validation gain before stopping")
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    parser.add_argument("--no-equalize", action="store_true",
-                        help="min-max stretch only, no histogram equalisation")
+    parser.add_argument("--equalize", action="store_true",
+                        help="histogram-equalise every image (default: min-max stretch only)")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--ema", type=float, default=0.0,
                         help="decay of an exponential moving average of the weights (0 = off)")
@@ -184,8 +184,8 @@ def train(args: argparse.Namespace) -> Path:
         frame = limit_patients(frame, args.max_per_class, args.seed)
     frame = split_by_patient(frame, args.seed, args.val_fraction, args.test_fraction)
     frame.drop(columns=["path"]).to_csv(out_dir / "split.csv", index=False)
-    norm = normalisation(not args.no_equalize)
-    images = prepare_all(list(frame["path"]), args.input_size, not args.no_equalize, args.cache_dir)
+    norm = normalisation(args.equalize)
+    images = prepare_all(list(frame["path"]), args.input_size, args.equalize, args.cache_dir)
     targets = torch.tensor([args.classes.index(t) if t else -1 for t in frame["target"]])
     index = {name: np.flatnonzero(frame["split"].to_numpy() == name) for name in ("train", "val", "test")}
     counts = frame[frame["split"] != "eval_only"].groupby(["split", "target"]).size()
@@ -290,6 +290,7 @@ def train(args: argparse.Namespace) -> Path:
     train_probabilities = predict_probabilities(model, images[index["train"]], norm, device)
     report["train_accuracy"] = float((predictor.decide(train_probabilities) == targets[index["train"]].numpy()).mean())
     write_report(report, unseen, probabilities, out_dir)
+    write_gallery(predictor, unseen, report, out_dir)
     config["metrics"] = summarise(report)
     save_checkpoint(out_dir / "model.safetensors", model, config)
     print(f"test: {json.dumps(config['metrics'])}")

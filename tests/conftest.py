@@ -17,9 +17,8 @@ def manifest_frame() -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def small_manifest(tmp_path_factory, manifest_frame) -> Path:
     """A manifest of real images: a few patients of every label and source, absolute paths."""
-    rows = (manifest_frame[manifest_frame["label"] != "other"]
-            .groupby(["label", "source_dataset"], group_keys=False)
-            .apply(lambda g: g.sort_values("patient_id").head(4)))
+    rows = (manifest_frame[manifest_frame["label"] != "other"].sort_values("patient_id")
+            .groupby(["label", "source_dataset"]).head(4))
     rows = rows.assign(filename=[str(DATA_DIR / f) for f in rows["filename"]])
     path = tmp_path_factory.mktemp("manifest") / "small.csv"
     rows.to_csv(path, index=False)

@@ -84,13 +84,16 @@ def test_numpy_and_pil_inputs_agree(tmp_path):
     assert torch.equal(from_array, from_float)
 
 
-def test_prepare_equalises_real_images(manifest_frame):
+def test_prepare_real_images_with_and_without_equalisation(manifest_frame):
     for label, source in (("covid", "ieee8023"), ("normal", "kermany"), ("normal", "nih14")):
-        tensor = prepare(real_image(manifest_frame, label, source), 128)
-        assert tensor.shape == (1, 128, 128) and tensor.dtype == torch.uint8
-        # Equalisation spreads every source over the whole range with a mid-grey mean.
-        assert tensor.min() < 10 and tensor.max() > 245
-        assert 100 < tensor.float().mean() < 155
+        path = real_image(manifest_frame, label, source)
+        stretched = prepare(path, 128)
+        assert stretched.shape == (1, 128, 128) and stretched.dtype == torch.uint8
+        assert stretched.min() < 10 and stretched.max() > 240  # min-max stretch uses the full range
+        equalised = prepare(path, 128, equalize=True)
+        # Equalisation spreads every source evenly over the range: a mid-grey mean.
+        assert equalised.min() < 10 and equalised.max() > 245
+        assert 110 < equalised.float().mean() < 145
 
 
 @pytest.mark.parametrize("content, message", [

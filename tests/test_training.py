@@ -12,7 +12,8 @@ from covidxr.checkpoint import read_config
 
 def test_run_folder_is_complete(tiny_run):
     for name in ("model.safetensors", "split.csv", "args.json", "history.csv", "curves.png",
-                 "metrics.json", "report.md", "confusion_matrix.png", "roc.png", "predictions.csv"):
+                 "metrics.json", "report.md", "confusion_matrix.png", "roc.png", "predictions.csv",
+                 "covid_gallery.png"):
         assert (tiny_run / name).stat().st_size > 0, name
     args = json.loads((tiny_run / "args.json").read_text())
     assert args["epochs"] == 1 and args["input_size"] == 64

@@ -1,0 +1,96 @@
+"""Bundled examples: fetch the X-rays listed in examples/examples.csv into examples/.
+
+The dataset images cannot be committed (their licenses), so the repository lists each example
+by the sha256 of its public original and fetches it:
+
+    python -m covidxr.examples --from ../shared/data/cxr   # copy from a local dataset folder
+    python -m covidxr.examples --download                  # or download the public originals
+
+A local copy is found through the dataset's manifest (same sha256); a download is checked
+against the sha256 before it is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES_CSV = EXAMPLES_DIR / "examples.csv"
+FETCH_COMMAND = "python -m covidxr.examples --from ../shared/data/cxr"
+
+
+def read_examples(csv_path: Path = EXAMPLES_CSV) -> pd.DataFrame:
+    return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+
+
+def available_examples(folder: Path = EXAMPLES_DIR) -> list[tuple[Path, dict]]:
+    """(path, row) for every listed example whose file is present."""
+    csv_path = folder / "examples.csv"
+    if not csv_path.exists():
+        return []
+    return [(folder / row["file_name"], row) for row in read_examples(csv_path).to_dict("records")
+            if (folder / row["file_name"]).is_file()]
+
+
+def _copy_from_dataset(examples: pd.DataFrame, dataset: Path, dest: Path) -> list[str]:
+    manifest = pd.read_csv(dataset / "manifest.csv", dtype=str, keep_default_na=False)
+    by_sha = dict(zip(manifest["sha256"], manifest["filename"]))
+    missing = []
+    for row in tqdm(examples.to_dict("records"), desc="copying examples", unit="img"):
+        source = by_sha.get(row["sha256"])
+        if source is None or not (dataset / source).is_file():
+            missing.append(row["file_name"])
+            continue
+        shutil.copyfile(dataset / source, dest / row["file_name"])
+    return missing
+
+
+def _download(examples: pd.DataFrame, dest: Path) -> list[str]:
+    failed = []
+    for row in tqdm(examples.to_dict("records"), desc="downloading examples", unit="img"):
+        try:
+            with urllib.request.urlopen(row["source_url"], timeout=60) as response:
+                content = response.read()
+        except OSError as error:
+            print(f"{row['file_name']}: download failed ({error})", file=sys.stderr)
+            failed.append(row["file_name"])
+            continue
+        if hashlib.sha256(content).hexdigest() != row["sha256"]:
+            print(f"{row['file_name']}: sha256 mismatch, not kept", file=sys.stderr)
+            failed.append(row["file_name"])
+            continue
+        (dest / row["file_name"]).write_bytes(content)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="dataset", type=Path, help="local dataset folder holding manifest.csv")
+    source.add_argument("--download", action="store_true", help="download the public originals (sha256-checked)")
+    parser.add_argument("--csv", type=Path, default=EXAMPLES_CSV)
+    parser.add_argument("--dest", type=Path, default=None, help="where to put the images (default: beside the CSV)")
+    args = parser.parse_args(argv)
+
+    examples = read_examples(args.csv)
+    dest = args.dest or args.csv.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    if args.dest and args.dest.resolve() != args.csv.parent.resolve():
+        shutil.copyfile(args.csv, dest / "examples.csv")
+    failed = _copy_from_dataset(examples, args.dataset, dest) if args.dataset else _download(examples, dest)
+    print(f"{len(examples) - len(failed)} of {len(examples)} examples in {dest}")
+    if failed:
+        print("not found: " + ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Explanation stage: class activation maps from pytorch-grad-cam, at the image's own size.
+
+    explanation = predictor.explain("xray.png")                  # the predicted class, Grad-CAM
+    explanation = predictor.explain("xray.png", target="covid")  # why (not) covid?
+    explanation.heatmap   # float32 (H, W) in [0, 1], the input's own height and width
+    explanation.overlay   # RGB PIL image: the X-ray with the heatmap blended on it
+
+One forward pass gives both the prediction and the map: the CAM target object decides the
+label from the logits of that pass. The explainer works on its own copy of the network so the
+CAM hooks never fire (nor hold activations) during plain predictions, and each CAM object is
+built once and reused.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
+                              XGradCAM)
+from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+from pytorch_grad_cam.utils.image import show_cam_on_image
+
+from .data import load_grayscale
+
+METHODS = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "scorecam": ScoreCAM,
+}
+
+
+@dataclass
+class Explanation:
+    heatmap: np.ndarray
+    overlay: Image.Image
+    target: str
+    method: str
+    prediction: "Prediction"  # noqa: F821 (covidxr.predictor.Prediction)
+
+
+class _DecidingTarget:
+    """A pytorch-grad-cam target that explains `target`, or, when that is None, the label the
+    checkpoint's decision rule gives for the logits it first sees."""
+
+    def __init__(self, predictor, target: str | None):
+        self.predictor = predictor
+        self.target = target
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.target is None:
+            probabilities = torch.softmax(logits.detach().float(), dim=-1).cpu().numpy()
+            self.target = self.predictor.classes[int(self.predictor.decide(probabilities[None])[0])]
+        return logits[self.predictor.classes.index(self.target)]
+
+
+class Explainer:
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.model = copy.deepcopy(predictor.model).eval()
+        self.layer = self.model.get_submodule(predictor.config["gradcam_layer"])
+        # One set of hooks on the copy, shared by every CAM method.
+        self.hooks = ActivationsAndGradients(self.model, [self.layer], None)
+        self.cams = {}
+
+    def cam(self, method: str):
+        if method not in METHODS:
+            raise ValueError(f"unknown CAM method {method!r}; choose from {sorted(METHODS)}")
+        if method not in self.cams:
+            cam = METHODS[method](model=self.model, target_layers=[self.layer])
+            cam.activations_and_grads.release()  # its own hooks: replaced by the shared ones
+            cam.activations_and_grads = self.hooks
+            self.cams[method] = cam
+        return self.cams[method]
+
+    def explain(self, image, method: str = "gradcam", target: str | None = None,
+                opacity: float = 0.4) -> Explanation:
+        from .predictor import Prediction
+
+        if target is not None and target not in self.predictor.classes:
+            raise ValueError(f"unknown class {target!r}; choose from {self.predictor.classes}")
+        cam = self.cam(method)
+        gray = load_grayscale(image)
+        inputs = self.predictor.model_input(self.predictor.prepare(gray)[None])
+        deciding = _DecidingTarget(self.predictor, target)
+        if target is None and not cam.uses_gradients:
+            # Gradient-free methods call the target only on perturbed inputs: decide first.
+            with torch.inference_mode():
+                deciding(self.model(inputs)[0])
+        with torch.enable_grad():
+            small = cam(input_tensor=inputs, targets=[deciding])[0]
+        # The prediction comes from the same forward pass that produced the map.
+        probabilities = torch.softmax(cam.outputs[0].detach().float(), dim=-1).cpu().numpy()
+        cam.outputs = None
+        self.hooks.clear()
+        label = self.predictor.classes[int(self.predictor.decide(probabilities[None])[0])]
+        heatmap = _resize(small, gray.shape)
+        return Explanation(
+            heatmap=heatmap,
+            overlay=overlay(gray, heatmap, opacity),
+            target=deciding.target,
+            method=method,
+            prediction=Prediction(label=label, probabilities={
+                c: float(p) for c, p in zip(self.predictor.classes, probabilities)}),
+        )
+
+
+def _resize(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    resized = Image.fromarray(heatmap.astype(np.float32), mode="F").resize(
+        (shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def overlay(gray: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4) -> Image.Image:
+    """The X-ray in gray with the heatmap in the jet colour map blended on at `opacity`."""
+    rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
+    blended = show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1.0 - float(opacity))
+    return Image.fromarray(blended)

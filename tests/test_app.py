@@ -1,0 +1,147 @@
+"""The Gradio app: its handler called directly, the launched app through gradio_client, and a
+real browser clicking an example."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from conftest import DATA_DIR, REPO, real_image
+from covidxr import Predictor
+from covidxr.examples import main as fetch_examples
+from covidxr.serve import PREDICTED, XrayApp, model_facts
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def examples_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("examples")
+    assert fetch_examples(["--from", str(DATA_DIR), "--dest", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def xray_app(examples_dir):
+    return XrayApp(Predictor.load(), examples_dir)
+
+
+@pytest.fixture(scope="module")
+def served_app(examples_dir):
+    """`python app.py --port P` in its own process, as a user starts it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--examples-dir", str(examples_dir)],
+                               cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail("app exited early:\n" + process.stdout.read())
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("app did not start within 120 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_handler_on_a_real_xray(xray_app, manifest_frame):
+    path = real_image(manifest_frame, "pneumonia", "kermany")
+    probabilities, original, overlay, summary = xray_app.analyse(str(path))
+    assert set(probabilities) == {"covid", "normal", "pneumonia"}
+    assert sum(probabilities.values()) == pytest.approx(1, abs=1e-5)
+    assert original.size == overlay.size == Image.open(path).size
+    decided = xray_app.predictor.predict(path).label
+    assert summary.startswith(f"### Prediction: {decided}")
+    _, _, covid_overlay, covid_summary = xray_app.analyse(str(path), "gradcam++", "covid", 0.6)
+    assert "evidence for **covid**" in covid_summary
+    assert covid_overlay.tobytes() != overlay.tobytes()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"%PDF-1.4 not an x-ray", "not an image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "Cannot read"),
+])
+def test_handler_refuses_bad_files_clearly(xray_app, tmp_path, content, message):
+    path = tmp_path / "upload.png"
+    path.write_bytes(content)
+    with pytest.raises(gr.Error, match=message):
+        xray_app.analyse(str(path))
+
+
+def test_handler_refuses_enormous_images(xray_app, tmp_path):
+    path = tmp_path / "enormous.png"
+    Image.new("1", (9000, 8000)).save(path)  # 72 megapixels, tiny on disk
+    with pytest.raises(gr.Error, match="megapixels"):
+        xray_app.analyse(str(path))
+
+
+def test_handler_needs_a_file(xray_app):
+    with pytest.raises(gr.Error, match="Upload a chest X-ray"):
+        xray_app.analyse(None)
+    assert PREDICTED == "predicted class"
+
+
+def test_model_facts_come_from_the_checkpoint(xray_app):
+    config = xray_app.predictor.config
+    facts = model_facts(config)
+    assert config["arch"] in facts and str(config["input_size"]) in facts
+    assert f"{config['metrics']['accuracy']:.3f}" in facts
+
+
+def test_examples_are_fetched_and_listed(xray_app, examples_dir):
+    assert 6 <= len(xray_app.examples) <= 10
+    labels = {row["label"] for _, row in xray_app.examples}
+    assert {"covid", "normal", "pneumonia", "sars"} <= labels
+
+
+def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
+    client = Client(served_app, verbose=False)
+    example = next(p for p in sorted(examples_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    label, original, overlay, summary = client.predict(handle_file(str(example)), api_name="/predict")
+    assert {c["label"] for c in label["confidences"]} == {"covid", "normal", "pneumonia"}
+    assert Image.open(overlay).size == Image.open(example).size
+    # A bad file gets a clear error, and the next good request is served.
+    bad = tmp_path / "notes.png"
+    bad.write_text("definitely not an X-ray")
+    with pytest.raises(Exception, match="Cannot read notes.png"):
+        client.predict(handle_file(str(bad)), api_name="/predict")
+    label_again, *_ = client.predict(handle_file(str(example)), "eigencam", "covid", 0.5, api_name="/predict")
+    assert label_again["label"] in ("covid", "normal", "pneumonia")
+
+
+def test_browser_clicks_an_example(served_app, tmp_path):
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (see README)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(served_app)
+        page.get_by_text("not a medical device").wait_for(timeout=30_000)
+        page.locator("#examples img").first.wait_for(timeout=30_000)
+        page.locator("#examples button.thumbnail-item").first.click()
+        page.locator("#overlay img").wait_for(timeout=60_000)
+        page.locator("#prediction").get_by_text("%").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "app.png").stat().st_size > 10_000

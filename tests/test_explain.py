@@ -1,0 +1,82 @@
+"""Class activation maps on real X-rays, for every method, from the shipped model."""
+
+import resource
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import real_image
+from covidxr import Predictor
+from covidxr.explain import METHODS
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor.load()
+
+
+@pytest.fixture(scope="module")
+def covid_xray(manifest_frame):
+    return real_image(manifest_frame, "covid", "ieee8023", 3)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_a_heatmap_at_image_size(predictor, covid_xray, method):
+    width, height = Image.open(covid_xray).size
+    explanation = predictor.explain(covid_xray, method=method)
+    heatmap = explanation.heatmap
+    assert heatmap.shape == (height, width) and heatmap.dtype == np.float32
+    assert heatmap.min() >= 0 and heatmap.max() <= 1
+    assert heatmap.std() > 0.02, "heatmap is (nearly) constant"
+    assert explanation.overlay.mode == "RGB" and explanation.overlay.size == (width, height)
+    assert explanation.method == method
+    assert explanation.target == explanation.prediction.label
+
+
+def test_prediction_matches_predict(predictor, covid_xray):
+    explanation = predictor.explain(covid_xray)
+    prediction = predictor.predict(covid_xray)
+    assert explanation.prediction.label == prediction.label
+    for name in predictor.classes:
+        assert explanation.prediction.probabilities[name] == pytest.approx(prediction.probabilities[name], abs=1e-4)
+
+
+def test_any_class_can_be_explained(predictor, covid_xray):
+    for_covid = predictor.explain(covid_xray, target="covid")
+    for_normal = predictor.explain(covid_xray, target="normal")
+    assert (for_covid.target, for_normal.target) == ("covid", "normal")
+    assert np.abs(for_covid.heatmap - for_normal.heatmap).mean() > 0.05
+    # The prediction does not depend on which class is explained.
+    assert for_covid.prediction == for_normal.prediction
+
+
+def test_opacity_changes_the_overlay_only(predictor, covid_xray):
+    faint = predictor.explain(covid_xray, opacity=0.1)
+    strong = predictor.explain(covid_xray, opacity=0.8)
+    np.testing.assert_array_equal(faint.heatmap, strong.heatmap)
+    assert np.abs(np.asarray(faint.overlay, float) - np.asarray(strong.overlay, float)).mean() > 5
+
+
+def test_bad_requests_are_refused(predictor, covid_xray):
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        predictor.explain(covid_xray, method="magic")
+    with pytest.raises(ValueError, match="unknown class"):
+        predictor.explain(covid_xray, target="flu")
+
+
+def test_cams_are_reused_and_memory_stays_flat(predictor, manifest_frame):
+    image = np.asarray(Image.open(real_image(manifest_frame, "normal", "nih14")))
+    for _ in range(5):  # warm-up: allocator pools, the CAM objects themselves
+        predictor.explain(image)
+        predictor.predict(image)
+    cam = predictor._explainer.cams["gradcam"]
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(40):
+        predictor.explain(image)
+        predictor.predict(image)
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert predictor._explainer.cams["gradcam"] is cam
+    # Plain predictions run on another copy of the network: no hook holds their activations.
+    assert predictor._explainer.hooks.activations == []
+    assert (peak_after - peak_before) / 1024 < 30, f"peak RSS grew by {(peak_after - peak_before) / 1024:.0f} MB"
