@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--ema", type=float, default=0.0,
                         help="decay of an exponential moving average of the weights (0 = off)")
-    parser.add_argument("--operating-point", choices=["youden", "argmax"], default="youden",
-                        help="how the COVID decision threshold is set on validation data")
+    parser.add_argument("--operating-point", choices=["argmax", "youden"], default="argmax",
+                        help="argmax: the most probable class; youden: a COVID threshold set on validation data")
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--test-fraction", type=float, default=0.15)
     parser.add_argument("--max-per-class", type=int, help="use at most N patients' images per class (quick runs)")
