@@ -116,7 +116,8 @@ class XrayApp:
             gr.Markdown("### Examples")
             if self.examples:
                 gallery = gr.Gallery(value=[(str(path), f"{row['label']}: {row['why']}") for path, row in self.examples],
-                                     columns=min(len(self.examples), 8), height="auto", allow_preview=False,
+                                     columns=min(len(self.examples), 8), height=190, object_fit="contain",
+                                     allow_preview=False,
                                      label="Click an example", elem_id="examples", buttons=[])
             else:
                 gr.Markdown(f"No example images here yet. Fetch them with `{FETCH_COMMAND}`.")
