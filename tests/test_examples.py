@@ -1,0 +1,60 @@
+"""The examples fetcher: from a local dataset by sha256, or downloaded and sha256-checked."""
+
+import functools
+import hashlib
+import http.server
+import threading
+
+import pandas as pd
+import pytest
+
+from conftest import DATA_DIR
+from covidxr.examples import available_examples, main, read_examples
+
+
+def test_listed_examples_cover_the_cases_and_exist_in_the_dataset(manifest_frame):
+    examples = read_examples()
+    assert 6 <= len(examples) <= 10
+    for column in ("file_name", "label", "sha256", "why", "source_repo", "source_path", "license", "source_url"):
+        assert (examples[column] != "").all(), column
+    assert set(examples["sha256"]) <= set(manifest_frame["sha256"])
+    assert {"covid", "normal", "pneumonia", "sars"} <= set(examples["label"])
+    assert {"adult", "pediatric"} <= set(examples["age_group"])
+    assert examples["why"].str.contains("misses").any(), "a COVID case the model misses is listed"
+
+
+def test_copy_from_local_dataset(tmp_path):
+    assert main(["--from", str(DATA_DIR), "--dest", str(tmp_path)]) == 0
+    found = available_examples(tmp_path)
+    assert len(found) == len(read_examples())
+    assert all(path.stat().st_size > 1000 for path, _ in found)
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_keeps_only_files_whose_sha256_matches(file_server, tmp_path):
+    served, url = file_server
+    good = next((DATA_DIR / "images" / "normal").iterdir()).read_bytes()
+    (served / "good.png").write_bytes(good)
+    (served / "tampered.png").write_bytes(good + b"extra")
+    rows = [{"file_name": "good.png", "sha256": hashlib.sha256(good).hexdigest(), "source_url": f"{url}/good.png"},
+            {"file_name": "tampered.png", "sha256": hashlib.sha256(good).hexdigest(), "source_url": f"{url}/tampered.png"},
+            {"file_name": "absent.png", "sha256": "0" * 64, "source_url": f"{url}/absent.png"}]
+    csv = tmp_path / "list" / "examples.csv"
+    csv.parent.mkdir()
+    pd.DataFrame(rows).assign(label="normal", why="test").to_csv(csv, index=False)
+    dest = tmp_path / "dest"
+    assert main(["--download", "--csv", str(csv), "--dest", str(dest)]) == 1  # two of three failed
+    assert (dest / "good.png").read_bytes() == good
+    assert not (dest / "tampered.png").exists() and not (dest / "absent.png").exists()
+    assert [path.name for path, _ in available_examples(dest)] == ["good.png"]
