@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import DATA_DIR, REPO, real_image
 from covidxr import Predictor
+from covidxr.examples import FETCH_COMMAND
 from covidxr.examples import main as fetch_examples
 from covidxr.serve import PREDICTED, XrayApp, model_facts
 
@@ -110,6 +111,13 @@ def test_examples_are_fetched_and_listed(xray_app, examples_dir):
     assert 6 <= len(xray_app.examples) <= 10
     labels = {row["label"] for _, row in xray_app.examples}
     assert {"covid", "normal", "pneumonia", "sars"} <= labels
+
+
+def test_without_examples_the_app_says_how_to_fetch_them(xray_app, tmp_path):
+    bare = XrayApp(xray_app.predictor, tmp_path)
+    assert bare.examples == []
+    texts = [block.value for block in bare.build().blocks.values() if isinstance(block, gr.Markdown)]
+    assert any(FETCH_COMMAND in (text or "") for text in texts)
 
 
 def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):

@@ -92,7 +92,8 @@ def test_evaluate_command_on_real_images(tiny_run, small_manifest, tmp_path):
     assert isinstance(report["covid_false_negatives"], list)
     assert set(report["comparison_2020"]) == {"test_accuracy", "covid_false_negatives",
                                               "pneumonia_called_covid", "sars_called_covid"}
-    for name in ("metrics.json", "report.md", "confusion_matrix.png", "roc.png", "predictions.csv"):
+    for name in ("metrics.json", "report.md", "confusion_matrix.png", "roc.png", "predictions.csv",
+                 "covid_gallery.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "metrics.json").read_text())["classes"] == CLASSES
     markdown = (out / "report.md").read_text()
