@@ -168,6 +168,30 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, norm: dict,
+                    device: torch.device, description: str) -> tuple[float, float]:
+    """One pass over the (augmented) training set; returns mean loss and accuracy."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch, batch_targets in tqdm(loader, desc=description, leave=False, unit="batch"):
+        batch = normalise(batch.to(device), norm["mean"], norm["std"])
+        batch_targets = batch_targets.to(device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits = model(batch.contiguous(memory_format=torch.channels_last))
+            loss = criterion(logits.float(), batch_targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema:
+            ema.update_parameters(model)
+        total_loss += loss.item() * len(batch_targets)
+        correct += (logits.argmax(1) == batch_targets).sum().item()
+        seen += len(batch_targets)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
 def train(args: argparse.Namespace) -> Path:
     generator = seed_everything(args.seed)
     if args.threads:
@@ -213,32 +237,15 @@ def train(args: argparse.Namespace) -> Path:
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
     val_targets = targets[index["val"]].numpy()
 
-    history, best, best_state, stale = [], (-np.inf, np.inf), None, 0
+    history, best, best_state, best_epoch, stale = [], (-np.inf, np.inf), None, 0, 0
     epochs = tqdm(range(1, args.epochs + 1), desc=f"training {args.arch}", unit="epoch")
     for epoch in epochs:
-        model.train()
-        total_loss, correct, seen = 0.0, 0, 0
-        for batch, batch_targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch"):
-            batch = normalise(batch.to(device), norm["mean"], norm["std"])
-            batch_targets = batch_targets.to(device)
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
-                logits = model(batch.contiguous(memory_format=torch.channels_last))
-                loss = criterion(logits.float(), batch_targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema:
-                ema.update_parameters(model)
-            total_loss += loss.item() * len(batch_targets)
-            correct += (logits.argmax(1) == batch_targets).sum().item()
-            seen += len(batch_targets)
-
+        train_loss, train_accuracy = train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler,
+                                                     ema, norm, device, f"epoch {epoch}")
         val_probabilities = predict_probabilities(evaluated, images[index["val"]], norm, device)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probabilities).clamp_min(1e-7)),
                                                 torch.from_numpy(val_targets)))
-        record = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+        record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                   "val_loss": val_loss, "val_accuracy": float((val_probabilities.argmax(1) == val_targets).mean()),
                   "val_macro_auroc": macro_auroc(val_targets, val_probabilities)}
         history.append(record)
@@ -247,7 +254,7 @@ def train(args: argparse.Namespace) -> Path:
         # Best = highest validation macro AUROC, ties broken by lower validation loss.
         score = (np.nan_to_num(record["val_macro_auroc"], nan=0.0), val_loss)
         if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
-            best, best_state, stale = score, copy.deepcopy(evaluated.state_dict()), 0
+            best, best_state, best_epoch, stale = score, copy.deepcopy(evaluated.state_dict()), epoch, 0
         else:
             stale += 1
             if stale >= args.patience:
@@ -257,7 +264,6 @@ def train(args: argparse.Namespace) -> Path:
     history.to_csv(out_dir / "history.csv", index=False)
     plot_history(history, out_dir / "curves.png")
     model.load_state_dict(best_state)
-    best_epoch = int(history.loc[history["val_macro_auroc"].fillna(0).idxmax(), "epoch"])
 
     # Decision rule from validation, then the test evaluation of the chosen model.
     val_probabilities = predict_probabilities(model, images[index["val"]], norm, device)
