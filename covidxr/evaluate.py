@@ -287,7 +287,6 @@ def write_gallery(predictor: Predictor, frame: pd.DataFrame, report: dict, out_d
     the heatmap for covid and the heatmap for the class predicted, with the probabilities."""
     if "covid" not in report["classes"]:
         return None
-    predictions = pd.read_csv(Path(out_dir) / "predictions.csv", dtype={"filename": str})
     missed = [fn["filename"] for fn in report["covid_false_negatives"]]
     found = frame.loc[(frame["target"] == "covid") & ~frame["filename"].isin(missed), "filename"]
     found = found.sample(n=min(true_positives, len(found)), random_state=seed).tolist()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from .data import load_grayscale
+
+if TYPE_CHECKING:  # predictor.py imports this module lazily; no import cycle at run time
+    from .predictor import Prediction
 
 METHODS = {
     "gradcam": GradCAM,
@@ -43,7 +47,7 @@ class Explanation:
     overlay: Image.Image
     target: str
     method: str
-    prediction: "Prediction"  # noqa: F821 (covidxr.predictor.Prediction)
+    prediction: "Prediction"
 
 
 class _DecidingTarget:
