@@ -20,6 +20,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from .dicom import is_dicom, read_dicom
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # The largest digital radiographs are about 4300 x 4300 (18.5 MP); anything far beyond is refused.
 MAX_PIXELS = 64_000_000
@@ -42,12 +44,15 @@ class SplitLeakError(RuntimeError):
 def load_grayscale(image) -> np.ndarray:
     """Turn a path, PIL image or numpy array into a float32 (H, W) array scaled to [0, 1].
 
-    Accepts any bit depth (8/16-bit, float) and mode (L, I;16, RGB, RGBA, P, CMYK, ...), applies
-    EXIF orientation, and stretches the image's own value range to [0, 1], because sources store
+    Accepts any bit depth (8/16-bit, float) and mode (L, I;16, RGB, RGBA, P, CMYK, ...), DICOM
+    files (recognised by content, not extension; see dicom.py), applies EXIF orientation, and
+    stretches the image's own value range to [0, 1], because sources store
     the same anatomy at different depths and windows.
     """
     if isinstance(image, (str, Path)):
-        image = _open_image(Path(image))
+        path = Path(image)
+        _check_file(path)
+        image = read_dicom(path, ImageLoadError, MAX_PIXELS) if is_dicom(path) else _open_image(path)
     if isinstance(image, Image.Image):
         _check_size(image, "image")
         array = _pil_to_array(image)
@@ -68,11 +73,14 @@ def load_grayscale(image) -> np.ndarray:
     return array
 
 
-def _open_image(path: Path) -> Image.Image:
-    if not path.exists():
+def _check_file(path: Path) -> None:
+    if not path.is_file():
         raise ImageLoadError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageLoadError(f"{path.name}: the file is empty (0 bytes)")
+
+
+def _open_image(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
         _check_size(image, path.name)

@@ -65,7 +65,7 @@ class XrayApp:
     def analyse(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
         """(probabilities, original, overlay, summary) for an uploaded file path."""
         if not file:
-            raise gr.Error("Upload a chest X-ray (PNG or JPEG) or click an example first.")
+            raise gr.Error("Upload a chest X-ray (PNG, JPEG or DICOM) or click an example first.")
         path = Path(file if isinstance(file, (str, Path)) else file.name)
         if method not in METHODS:
             raise gr.Error(f"Unknown explanation method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -99,7 +99,7 @@ class XrayApp:
             gr.Markdown(NOTICE, elem_id="notice")
             with gr.Row():
                 with gr.Column(scale=1):
-                    upload = gr.File(label="Chest X-ray (PNG or JPEG)", file_count="single", elem_id="upload")
+                    upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", file_count="single", elem_id="upload")
                     method = gr.Dropdown([(label, key) for key, label in METHOD_LABELS.items()],
                                          value="gradcam", label="Explanation method")
                     explain_class = gr.Radio([PREDICTED, *classes], value=PREDICTED, label="Explain the evidence for")

@@ -1,0 +1,110 @@
+"""DICOM files built with pydicom from real X-rays give the prediction of the same pixels as PNG."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from conftest import real_image
+from covidxr import Predictor
+from covidxr.data import ImageLoadError, load_grayscale
+
+DIGITAL_XRAY = "1.2.840.10008.5.1.4.1.1.1.1"  # DX Image Storage, for presentation
+
+
+def write_dicom(path, pixels: np.ndarray, bits_stored: int, photometric: str = "MONOCHROME2", **extra):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DIGITAL_XRAY
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = DIGITAL_XRAY, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 1 if pixels.ndim == 2 else pixels.shape[2]
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16 if bits_stored > 8 else 8
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, 0
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    dtype = np.uint16 if ds.BitsAllocated == 16 else np.uint8
+    ds.PixelData = pixels.astype(dtype).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def xray(manifest_frame):
+    path = real_image(manifest_frame, "covid", "ieee8023", 5)
+    return path, np.asarray(Image.open(path).convert("L"), dtype=np.uint16)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor.load()
+
+
+@pytest.mark.parametrize("variant", ["mono2-12bit", "mono2-16bit", "mono1-12bit", "rescaled", "windowed"])
+def test_dicom_matches_the_same_pixels_as_png(tmp_path, xray, predictor, variant):
+    png, gray8 = xray
+    if variant == "mono2-12bit":
+        path = write_dicom(tmp_path / "a.dcm", gray8 * 16, 12)
+    elif variant == "mono2-16bit":
+        path = write_dicom(tmp_path / "a.dcm", gray8 * 257, 16)
+    elif variant == "mono1-12bit":  # high values dark: stored inverted
+        path = write_dicom(tmp_path / "a.dcm", 4095 - gray8 * 16, 12, "MONOCHROME1")
+    elif variant == "rescaled":  # stored values map to HU-like units through slope/intercept
+        path = write_dicom(tmp_path / "a.dcm", gray8 * 8, 12, RescaleSlope=2, RescaleIntercept=-1024)
+    else:  # a window spanning the stored range
+        path = write_dicom(tmp_path / "a.img", gray8 * 16, 12, WindowCenter=2040, WindowWidth=4100)
+    np.testing.assert_allclose(load_grayscale(path), load_grayscale(png), atol=2e-3)
+    from_dicom = predictor.predict(path)
+    from_png = predictor.predict(png)
+    assert from_dicom.label == from_png.label
+    for name in predictor.classes:
+        assert from_dicom.probabilities[name] == pytest.approx(from_png.probabilities[name], abs=0.01)
+
+
+def test_narrow_window_is_applied(tmp_path, xray):
+    _, gray8 = xray
+    path = write_dicom(tmp_path / "w.dcm", gray8 * 16, 12, WindowCenter=2048, WindowWidth=512)
+    windowed = load_grayscale(path)
+    # Everything outside the window saturates: far more pure black and white than the original.
+    saturated = np.mean((windowed == 0) | (windowed == 1))
+    assert saturated > 0.3
+
+
+def test_unsupported_dicom_is_refused_clearly(tmp_path, xray):
+    _, gray8 = xray
+    rgb = np.stack([gray8] * 3, axis=-1)
+    with pytest.raises(ImageLoadError, match="colour"):
+        load_grayscale(write_dicom(tmp_path / "rgb.dcm", rgb, 8, "RGB"))
+    frames = np.concatenate([gray8, gray8])
+    with pytest.raises(ImageLoadError, match="multi-frame"):
+        load_grayscale(write_dicom(tmp_path / "multi.dcm", frames, 8, NumberOfFrames=2,
+                                   Rows=gray8.shape[0]))
+    report = write_dicom(tmp_path / "report.dcm", gray8[:2, :2], 8)
+    from pydicom import dcmread
+    dataset = dcmread(report)
+    del dataset.PixelData
+    dataset.save_as(report, enforce_file_format=True)
+    with pytest.raises(ImageLoadError, match="without pixel data"):
+        load_grayscale(report)
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(write_dicom(tmp_path / "full.dcm", gray8, 8).read_bytes()[:4000])
+    with pytest.raises(ImageLoadError, match="DICOM"):
+        load_grayscale(truncated)
+
+
+def test_app_handler_accepts_dicom(tmp_path, xray, predictor):
+    from covidxr.serve import XrayApp
+
+    png, gray8 = xray
+    path = write_dicom(tmp_path / "upload.dcm", 4095 - gray8 * 16, 12, "MONOCHROME1")
+    probabilities, original, overlay, summary = XrayApp(predictor, tmp_path).analyse(str(path))
+    assert original.size == overlay.size == Image.open(png).size
+    assert summary.startswith(f"### Prediction: {predictor.predict(png).label}")
