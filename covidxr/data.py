@@ -55,7 +55,10 @@ def load_grayscale(image) -> np.ndarray:
         image = read_dicom(path, ImageLoadError, MAX_PIXELS) if is_dicom(path) else _open_image(path)
     if isinstance(image, Image.Image):
         _check_size(image, "image")
-        array = _pil_to_array(image)
+        try:
+            array = _pil_to_array(image)
+        except (OSError, ValueError) as error:  # e.g. an exotic mode PIL cannot convert
+            raise ImageLoadError(f"cannot convert a {image.mode} image to grayscale ({error})") from error
     elif isinstance(image, np.ndarray):
         array = _numpy_to_gray(image)
     else:

@@ -1,12 +1,6 @@
 """The Gradio app: its handler called directly, the launched app through gradio_client, and a
 real browser clicking an example."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import gradio as gr
@@ -14,52 +8,17 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from conftest import DATA_DIR, REPO, real_image
+from conftest import real_image
 from covidxr import Predictor
 from covidxr.examples import FETCH_COMMAND
-from covidxr.examples import main as fetch_examples
 from covidxr.serve import PREDICTED, XrayApp, model_facts
 
 CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def examples_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("examples")
-    assert fetch_examples(["--from", str(DATA_DIR), "--dest", str(folder)]) == 0
-    return folder
-
-
-@pytest.fixture(scope="module")
 def xray_app(examples_dir):
     return XrayApp(Predictor.load(), examples_dir)
-
-
-@pytest.fixture(scope="module")
-def served_app(examples_dir):
-    """`python app.py --port P` in its own process, as a user starts it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--examples-dir", str(examples_dir)],
-                               cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail("app exited early:\n" + process.stdout.read())
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("app did not start within 120 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def test_handler_on_a_real_xray(xray_app, manifest_frame):
