@@ -81,9 +81,15 @@ class Predictor:
         return inputs.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Softmax probabilities (N, C) for prepared uint8 images (N, 1, S, S)."""
-        return torch.softmax(self.model(self.model_input(batch)).float(), dim=1).cpu().numpy()
+    def probabilities(self, batch: torch.Tensor, chunk: int = 64) -> np.ndarray:
+        """Softmax probabilities (N, C) for prepared uint8 images (N, 1, S, S), `chunk` at a time."""
+        self.model.eval()
+        outputs = []
+        for start in range(0, len(batch), chunk):
+            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                logits = self.model(self.model_input(batch[start:start + chunk]))
+            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+        return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         return decide(probabilities, self.classes, self.config.get("decision"))

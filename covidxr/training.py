@@ -112,17 +112,9 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights / weights.mean()
 
 
-def predict_probabilities(model: nn.Module, images: torch.Tensor, norm: dict, device: torch.device,
-                          batch_size: int = 64) -> np.ndarray:
-    model.eval()
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = normalise(images[start:start + batch_size].to(device), norm["mean"], norm["std"])
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
-                logits = model(batch.contiguous(memory_format=torch.channels_last))
-            outputs.append(torch.softmax(logits.float(), 1).cpu())
-    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0))
+def predict_probabilities(model: nn.Module, images: torch.Tensor, norm: dict, device: torch.device) -> np.ndarray:
+    """Probabilities through the same code path as serving (`Predictor.probabilities`)."""
+    return Predictor(model, {"normalisation": norm, "classes": []}, device).probabilities(images)
 
 
 def macro_auroc(targets: np.ndarray, probabilities: np.ndarray) -> float:
@@ -291,9 +283,9 @@ def train(args: argparse.Namespace) -> Path:
     predictor = Predictor(model, config, device)
     unseen = frame[frame["split"].isin(["test", "eval_only"])].reset_index(drop=True)
     unseen_index = np.flatnonzero(frame["split"].isin(["test", "eval_only"]).to_numpy())
-    probabilities = predict_probabilities(model, images[unseen_index], norm, device)
+    probabilities = predictor.probabilities(images[unseen_index])
     report = evaluate_predictions(unseen, probabilities, predictor.decide(probabilities), args.classes)
-    train_probabilities = predict_probabilities(model, images[index["train"]], norm, device)
+    train_probabilities = predictor.probabilities(images[index["train"]])
     report["train_accuracy"] = float((predictor.decide(train_probabilities) == targets[index["train"]].numpy()).mean())
     write_report(report, unseen, probabilities, out_dir)
     write_gallery(predictor, unseen, report, out_dir)
