@@ -1,6 +1,8 @@
 """Command line: `python -m covidxr predict PATH... [--recursive] [--csv out.csv] [--cam-dir DIR]`.
 
-Predicts every image file given, or found in the folders given, with a progress bar. Files
+(`python -m covidxr ood ...` fits and measures the not-a-chest-X-ray check; see ood.py.)
+
+`predict` predicts every image file given, or found in the folders given, with a progress bar. Files
 that cannot be read are reported one by one and skipped; the exit status is 1 when any failed.
 """
 
@@ -59,8 +61,15 @@ def predict_files(predictor: Predictor, files: list[Path], cam_dir: Path | None,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ood"]:
+        from . import ood
+
+        ood.main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m covidxr", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("ood", help="fit and measure the not-a-chest-X-ray check (see ood.py)", add_help=False)
     predict = commands.add_parser("predict", help="predict image or DICOM files and folders")
     predict.add_argument("paths", nargs="+", help="files or folders")
     predict.add_argument("--recursive", action="store_true", help="also look in sub-folders")

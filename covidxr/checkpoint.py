@@ -24,8 +24,11 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict,
-                    dtype: torch.dtype = torch.float16) -> Path:
-    """Write weights (floating tensors cast to `dtype` to keep the file small) and config."""
+                    dtype: torch.dtype = torch.float16, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write weights (floating tensors cast to `dtype` to keep the file small) and config.
+
+    `extra_tensors` (e.g. the not-an-X-ray statistics, ood.py) are stored as given, in float32.
+    """
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise CheckpointError(f"checkpoint config lacks {missing}")
@@ -33,6 +36,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict,
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
         tensors[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+    for name, tensor in (extra_tensors or {}).items():
+        tensors[name] = tensor.detach().cpu().float().contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"covidxr": json.dumps({"format": FORMAT, **config})})

@@ -49,6 +49,15 @@ def load_grayscale(image) -> np.ndarray:
     stretches the image's own value range to [0, 1], because sources store
     the same anatomy at different depths and windows.
     """
+    return load_image(image)[0]
+
+
+def load_image(image) -> tuple[np.ndarray, float]:
+    """(grayscale as in `load_grayscale`, colourfulness of the input before it lost its colour).
+
+    The colourfulness feeds the not-an-X-ray check (ood.py): X-rays are gray, photos are not.
+    """
+    colour = 0.0
     if isinstance(image, (str, Path)):
         path = Path(image)
         _check_file(path)
@@ -56,11 +65,11 @@ def load_grayscale(image) -> np.ndarray:
     if isinstance(image, Image.Image):
         _check_size(image, "image")
         try:
-            array = _pil_to_array(image)
+            array, colour = _pil_to_array(image)
         except (OSError, ValueError) as error:  # e.g. an exotic mode PIL cannot convert
             raise ImageLoadError(f"cannot convert a {image.mode} image to grayscale ({error})") from error
     elif isinstance(image, np.ndarray):
-        array = _numpy_to_gray(image)
+        array, colour = _numpy_to_gray(image)
     else:
         raise ImageLoadError(f"cannot read an image from a {type(image).__name__}")
     if array.ndim != 2 or min(array.shape) < 1:
@@ -73,7 +82,18 @@ def load_grayscale(image) -> np.ndarray:
         array = (array - low) / (high - low)
     else:
         array = np.zeros_like(array)
-    return array
+    return array, colour
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler and Suesstrunk's (2003) colourfulness of an (H, W, 3) 0-255 image: 0 for gray,
+    about 15 'slightly', 33 'moderately', 59 'quite' colourful."""
+    rgb = np.asarray(rgb, dtype=np.float32)[..., :3]
+    # A 256-pixel-wide sample is plenty for a global statistic and keeps huge inputs cheap.
+    step = max(1, max(rgb.shape[:2]) // 256)
+    red, green, blue = np.moveaxis(rgb[::step, ::step], -1, 0)
+    rg, yb = red - green, 0.5 * (red + green) - blue
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def _check_file(path: Path) -> None:
@@ -105,32 +125,37 @@ def _check_size(image: Image.Image, name: str) -> None:
                              f"{MAX_PIXELS // 1_000_000} megapixels accepted")
 
 
-def _pil_to_array(image: Image.Image) -> np.ndarray:
+def _pil_to_array(image: Image.Image) -> tuple[np.ndarray, float]:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return np.asarray(image, dtype=np.float32)
+        return np.asarray(image, dtype=np.float32), 0.0
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         # Transparent pixels become black, the colour of air on an X-ray.
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return np.asarray(image.convert("L"), dtype=np.float32)
+    colour = 0.0 if image.mode in ("1", "L", "LA") else colourfulness(np.asarray(image.convert("RGB")))
+    return np.asarray(image.convert("L"), dtype=np.float32), colour
 
 
-def _numpy_to_gray(array: np.ndarray) -> np.ndarray:
+def _numpy_to_gray(array: np.ndarray) -> tuple[np.ndarray, float]:
     array = np.asarray(array)
     if array.dtype == bool:
         array = array.astype(np.float32)
     if not np.issubdtype(array.dtype, np.number):
         raise ImageLoadError(f"array of dtype {array.dtype} is not an image")
+    colour = 0.0
     if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
         if array.shape[-1] == 1:
             array = array[..., 0]
         else:
+            rgb = array[..., :3].astype(np.float32)
+            top = float(rgb.max()) if rgb.size else 0.0
+            colour = colourfulness(rgb * (255.0 / top if top > 255 else 1.0))
             # ITU-R 601 luma, as PIL's convert("L"); alpha is ignored.
-            array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return array
+            array = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    return array, colour
 
 
 def prepare(image, size: int, equalize: bool = False) -> torch.Tensor:

@@ -25,7 +25,8 @@ from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Laye
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from .data import load_grayscale
+from .data import load_image
+from .ood import FeatureHook
 
 if TYPE_CHECKING:  # predictor.py imports this module lazily; no import cycle at run time
     from .predictor import Prediction
@@ -48,6 +49,7 @@ class Explanation:
     target: str
     method: str
     prediction: "Prediction"
+    image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1]
 
 
 class _DecidingTarget:
@@ -72,6 +74,7 @@ class Explainer:
         self.layer = self.model.get_submodule(predictor.config["gradcam_layer"])
         # One set of hooks on the copy, shared by every CAM method.
         self.hooks = ActivationsAndGradients(self.model, [self.layer], None)
+        self.features = FeatureHook(self.model)
         self.cams = {}
 
     def cam(self, method: str):
@@ -91,7 +94,7 @@ class Explainer:
         if target is not None and target not in self.predictor.classes:
             raise ValueError(f"unknown class {target!r}; choose from {self.predictor.classes}")
         cam = self.cam(method)
-        gray = load_grayscale(image)
+        gray, colour = load_image(image)
         inputs = self.predictor.model_input(self.predictor.prepare(gray)[None])
         deciding = _DecidingTarget(self.predictor, target)
         if target is None and not cam.uses_gradients:
@@ -112,7 +115,9 @@ class Explainer:
             target=deciding.target,
             method=method,
             prediction=Prediction(label=label, probabilities={
-                c: float(p) for c, p in zip(self.predictor.classes, probabilities)}),
+                c: float(p) for c, p in zip(self.predictor.classes, probabilities)},
+                warnings=self.predictor.warnings(self.features.features[0].cpu().numpy(), colour, gray.shape)),
+            image=gray,
         )
 
 

@@ -16,10 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import normalise, prepare
+from .data import load_image, normalise, prepare
 from .model import build_model
+from .ood import FeatureHook, OutOfDistribution
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "covidxr-cxrnet.safetensors"
+# Which patients of ../shared/data/cxr it was trained, tuned and tested on (no images).
+SHIPPED_SPLIT = SHIPPED_CHECKPOINT.with_suffix(".split.csv")
 
 
 @dataclass
@@ -46,10 +49,12 @@ def decide(probabilities: np.ndarray, classes: list[str], decision: dict | None)
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, config: dict, device: str | torch.device | None = None):
+    def __init__(self, model: torch.nn.Module, config: dict, device: str | torch.device | None = None,
+                 ood: OutOfDistribution | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.config = config
+        self.ood = ood  # the not-a-chest-X-ray check; None for checkpoints without one
         self._explainer = None
 
     @classmethod
@@ -57,6 +62,7 @@ class Predictor:
         """The shipped model, or the checkpoint at `path`."""
         path = Path(path) if path else SHIPPED_CHECKPOINT
         state, config = load_checkpoint(path)
+        ood = OutOfDistribution.from_checkpoint(state, config)
         model = build_model(config["arch"], len(config["classes"]))
         try:
             model.load_state_dict(state, strict=True)
@@ -64,7 +70,7 @@ class Predictor:
             raise CheckpointError(
                 f"{path}: weights do not fit architecture {config['arch']!r} with "
                 f"{len(config['classes'])} classes: {str(error).splitlines()[0]}") from error
-        return cls(model, config, device)
+        return cls(model, config, device, ood)
 
     @property
     def classes(self) -> list[str]:
@@ -80,28 +86,55 @@ class Predictor:
         inputs = normalise(batch.to(self.device), norm["mean"], norm["std"])
         return inputs.contiguous(memory_format=torch.channels_last)
 
-    @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor, chunk: int = 64) -> np.ndarray:
         """Softmax probabilities (N, C) for prepared uint8 images (N, 1, S, S), `chunk` at a time."""
+        return self.probabilities_and_features(batch, chunk)[0]
+
+    @torch.inference_mode()
+    def probabilities_and_features(self, batch: torch.Tensor, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (N, C), penultimate features (N, D)) from one forward pass."""
         self.model.eval()
-        outputs = []
-        for start in range(0, len(batch), chunk):
-            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                logits = self.model(self.model_input(batch[start:start + chunk]))
-            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
-        return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
+        probabilities, features = [], []
+        hook = FeatureHook(self.model)  # removed again below: the model may be shared (training)
+        try:
+            for start in range(0, len(batch), chunk):
+                with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                    logits = self.model(self.model_input(batch[start:start + chunk]))
+                probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
+                features.append(hook.features.cpu())
+        finally:
+            hook.remove()
+        if not probabilities:
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
+        return torch.cat(probabilities).numpy(), torch.cat(features).numpy()
+
+    def warnings(self, features: np.ndarray, colourfulness: float, shape: tuple[int, int]) -> list[str]:
+        """Short messages when the input does not look like a chest X-ray (empty when it does)."""
+        if self.ood is None:
+            return []
+        distance = float(self.ood.distance(np.asarray(features).reshape(1, -1))[0])
+        return self.ood.warnings(distance, colourfulness, shape)
+
+    def ood_scores(self, image) -> tuple[float, float, tuple[int, int]]:
+        """(feature distance, colourfulness, (height, width)): what the warnings test."""
+        gray, colour = load_image(image)
+        _, features = self.probabilities_and_features(self.prepare(gray)[None])
+        return float(self.ood.distance(features)[0]), colour, gray.shape
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         return decide(probabilities, self.classes, self.config.get("decision"))
 
-    def _predictions(self, probabilities: np.ndarray) -> list[Prediction]:
+    def _predictions(self, probabilities: np.ndarray, features: np.ndarray,
+                     loaded: list[tuple[np.ndarray, float]]) -> list[Prediction]:
         labels = self.decide(probabilities)
         return [Prediction(label=self.classes[index],
-                           probabilities={c: float(p) for c, p in zip(self.classes, row)})
-                for index, row in zip(labels, probabilities)]
+                           probabilities={c: float(p) for c, p in zip(self.classes, row)},
+                           warnings=self.warnings(feature, colour, gray.shape))
+                for index, row, feature, (gray, colour) in zip(labels, probabilities, features, loaded)]
 
     def predict(self, image) -> Prediction:
-        return self._predictions(self.probabilities(self.prepare(image)[None]))[0]
+        loaded = load_image(image)
+        return self._predictions(*self.probabilities_and_features(self.prepare(loaded[0])[None]), [loaded])[0]
 
     def explain(self, image, method: str = "gradcam", target: str | None = None, opacity: float = 0.4):
         """A class activation map for `target` (default: the predicted class); see explain.py."""
@@ -116,6 +149,7 @@ class Predictor:
         results = []
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
-            batch = torch.stack([self.prepare(image) for image in images[start:start + batch_size]])
-            results += self._predictions(self.probabilities(batch))
+            loaded = [load_image(image) for image in images[start:start + batch_size]]
+            batch = torch.stack([self.prepare(gray) for gray, _ in loaded])
+            results += self._predictions(*self.probabilities_and_features(batch), loaded)
         return results

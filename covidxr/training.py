@@ -10,6 +10,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -32,6 +33,7 @@ from .data import (XrayTensors, data_hash, normalise, parse_filters, parse_label
                    prepare_all, read_manifest, select, split_by_patient, training_augmentation)
 from .evaluate import evaluate_predictions, write_gallery, write_report  # noqa: E402
 from .model import build_model, count_parameters, gradcam_layer_name  # noqa: E402
+from .ood import fit_for  # noqa: E402
 from .predictor import Predictor  # noqa: E402
 
 
@@ -78,6 +80,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=".cache", help="where decoded images are cached")
     parser.add_argument("--out", default=None, help="run folder (default runs/<date>-<arch>)")
     return parser
+
+
+class Distributed:
+    """One process per device under `torchrun` (NCCL on GPUs, gloo on CPUs); a no-op otherwise.
+
+    Each process trains on its own shard of every epoch with batch size batch/world, so the
+    global batch, the number of steps and the schedule are those of a single-process run.
+    Every process evaluates the whole validation set (cheap, and keeps early stopping in step
+    without communication); only rank 0 writes the run folder.
+    """
+
+    def __init__(self, device_arg: str | None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.active = self.world > 1
+        cuda = torch.cuda.is_available() and device_arg != "cpu"
+        if self.active:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+            if cuda:
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        else:
+            self.device = torch.device(device_arg or ("cuda" if cuda else "cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def broadcast(self, value):
+        if not self.active:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.active:
+            return model
+        return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def close(self) -> None:
+        if self.active:
+            torch.distributed.destroy_process_group()
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -161,11 +211,11 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, norm: dict,
-                    device: torch.device, description: str) -> tuple[float, float]:
+                    device: torch.device, description: str, progress: bool = True) -> tuple[float, float]:
     """One pass over the (augmented) training set; returns mean loss and accuracy."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for batch, batch_targets in tqdm(loader, desc=description, leave=False, unit="batch"):
+    for batch, batch_targets in tqdm(loader, desc=description, leave=False, unit="batch", disable=not progress):
         batch = normalise(batch.to(device), norm["mean"], norm["std"])
         batch_targets = batch_targets.to(device)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
@@ -184,14 +234,24 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema,
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-def train(args: argparse.Namespace) -> Path:
+def train(args: argparse.Namespace) -> Path | None:
+    """Train, evaluate on the test split, write the run folder; returns it (None on ranks > 0)."""
+    dist = Distributed(args.device)
+    try:
+        return _train(args, dist)
+    finally:
+        dist.close()
+
+
+def _train(args: argparse.Namespace, dist: Distributed) -> Path | None:
     generator = seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.arch}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    device = dist.device
+    out_dir = Path(dist.broadcast(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.arch}"))
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(vars(args) | {"processes": dist.world}, indent=2))
 
     # Data: select, split by patient, decode once.
     label_map = parse_label_map(args.label_map, args.classes)
@@ -199,20 +259,32 @@ def train(args: argparse.Namespace) -> Path:
     if args.max_per_class:
         frame = limit_patients(frame, args.max_per_class, args.seed)
     frame = split_by_patient(frame, args.seed, args.val_fraction, args.test_fraction)
-    frame.drop(columns=["path"]).to_csv(out_dir / "split.csv", index=False)
     norm = normalisation(args.equalize)
-    images = prepare_all(list(frame["path"]), args.input_size, args.equalize, args.cache_dir)
+    if dist.main:
+        frame.drop(columns=["path"]).to_csv(out_dir / "split.csv", index=False)
+        images = prepare_all(list(frame["path"]), args.input_size, args.equalize, args.cache_dir)
+    dist.barrier()  # rank 0 filled the cache; the others read it instead of racing to write it
+    if not dist.main:
+        images = prepare_all(list(frame["path"]), args.input_size, args.equalize, args.cache_dir)
     targets = torch.tensor([args.classes.index(t) if t else -1 for t in frame["target"]])
     index = {name: np.flatnonzero(frame["split"].to_numpy() == name) for name in ("train", "val", "test")}
     counts = frame[frame["split"] != "eval_only"].groupby(["split", "target"]).size()
-    print("images per split and class:\n" + counts.unstack(fill_value=0).to_string())
+    if dist.main:
+        print("images per split and class:\n" + counts.unstack(fill_value=0).to_string())
+        if dist.active:
+            print(f"distributed: {dist.world} processes ({torch.distributed.get_backend()}), "
+                  f"{args.batch_size // dist.world} images per process per step")
 
     # Model and optimisation.
     model = build_model(args.arch, len(args.classes)).to(device).to(memory_format=torch.channels_last)
     train_set = XrayTensors(images[index["train"]], targets[index["train"]],
                             None if args.no_augment else training_augmentation())
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+    sampler = (torch.utils.data.DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed,
+                                                   drop_last=True) if dist.active else None)
+    batch_size = max(1, args.batch_size // dist.world)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                                          generator=generator, drop_last=len(train_set) > args.batch_size)
+    trained = dist.wrap(model)  # what the optimiser steps through: DDP averages the gradients
     criterion = nn.CrossEntropyLoss(weight=class_weights(train_set.targets, len(args.classes)).to(device),
                                     label_smoothing=args.label_smoothing)
     if args.optimizer == "sgd":
@@ -230,10 +302,12 @@ def train(args: argparse.Namespace) -> Path:
     val_targets = targets[index["val"]].numpy()
 
     history, best, best_state, best_epoch, stale = [], (-np.inf, np.inf), None, 0, 0
-    epochs = tqdm(range(1, args.epochs + 1), desc=f"training {args.arch}", unit="epoch")
+    epochs = tqdm(range(1, args.epochs + 1), desc=f"training {args.arch}", unit="epoch", disable=not dist.main)
     for epoch in epochs:
-        train_loss, train_accuracy = train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler,
-                                                     ema, norm, device, f"epoch {epoch}")
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_loss, train_accuracy = train_one_epoch(trained, loader, criterion, optimizer, scheduler, scaler,
+                                                     ema, norm, device, f"epoch {epoch}", dist.main)
         val_probabilities = predict_probabilities(evaluated, images[index["val"]], norm, device)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probabilities).clamp_min(1e-7)),
                                                 torch.from_numpy(val_targets)))
@@ -250,8 +324,11 @@ def train(args: argparse.Namespace) -> Path:
         else:
             stale += 1
             if stale >= args.patience:
-                tqdm.write(f"early stop at epoch {epoch}: no validation gain for {args.patience} epochs")
+                if dist.main:
+                    tqdm.write(f"early stop at epoch {epoch}: no validation gain for {args.patience} epochs")
                 break
+    if not dist.main:
+        return None
     history = pd.DataFrame(history)
     history.to_csv(out_dir / "history.csv", index=False)
     plot_history(history, out_dir / "curves.png")
@@ -290,7 +367,10 @@ def train(args: argparse.Namespace) -> Path:
     write_report(report, unseen, probabilities, out_dir)
     write_gallery(predictor, unseen, report, out_dir)
     config["metrics"] = summarise(report)
-    save_checkpoint(out_dir / "model.safetensors", model, config)
+    # The not-a-chest-X-ray check: fitted on the training images, threshold from validation.
+    predictor.ood = fit_for(predictor, images, targets.numpy(), frame["split"].to_numpy())
+    config["ood"] = predictor.ood.describe()
+    save_checkpoint(out_dir / "model.safetensors", model, config, extra_tensors=predictor.ood.tensors())
     print(f"test: {json.dumps(config['metrics'])}")
     print(f"run folder: {out_dir}")
     return out_dir
@@ -310,5 +390,5 @@ def summarise(report: dict) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     return train(build_parser().parse_args(argv))

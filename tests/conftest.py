@@ -1,9 +1,3 @@
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -59,29 +53,12 @@ def examples_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def served_app(examples_dir, tmp_path_factory):
     """`python app.py --port P` in its own process, as a user starts it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # The app's output goes to a file: an unread pipe fills up and blocks the server.
+    from covidxr.loadtest import AppProcess
+
     log = tmp_path_factory.mktemp("app_log") / "app.log"
-    log_handle = open(log, "w")
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--examples-dir", str(examples_dir)],
-                               cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
-                               stdout=log_handle, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail("app exited early:\n" + log.read_text())
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("app did not start within 120 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log_handle.close()
+    try:
+        app = AppProcess(examples_dir, log=log)
+    except RuntimeError as error:
+        pytest.fail(f"{error}:\n{log.read_text()}")
+    with app:
+        yield app.url

@@ -53,6 +53,17 @@ def test_handler_refuses_enormous_images(xray_app, tmp_path):
         xray_app.analyse(str(path))
 
 
+def test_handler_warns_on_a_photo_and_still_predicts(xray_app, tmp_path):
+    from covidxr.ood import non_xray_images
+
+    path = tmp_path / "cat.png"
+    Image.fromarray(dict(non_xray_images())["skimage:chelsea"]).save(path)
+    probabilities, original, overlay, summary = xray_app.analyse(str(path))
+    assert summary.startswith("> ⚠️ **Check the input.**")
+    assert "in colour" in summary and "unlike the frontal chest X-rays" in summary
+    assert "### Prediction:" in summary and set(probabilities) == {"covid", "normal", "pneumonia"}
+
+
 def test_handler_needs_a_file(xray_app):
     with pytest.raises(gr.Error, match="Upload a chest X-ray"):
         xray_app.analyse(None)
@@ -92,6 +103,13 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
         client.predict(handle_file(str(bad)), api_name="/predict")
     label_again, *_ = client.predict(handle_file(str(example)), "eigencam", "covid", 0.5, api_name="/predict")
     assert label_again["label"] in ("covid", "normal", "pneumonia")
+    # A document through the API: the prediction comes with the warning.
+    from covidxr.ood import non_xray_images
+
+    document = tmp_path / "letter.png"
+    Image.fromarray(dict(non_xray_images())["generated:document0"]).save(document)
+    *_, summary = client.predict(handle_file(str(document)), api_name="/predict")
+    assert "Check the input" in summary and "### Prediction:" in summary
 
 
 def test_browser_clicks_an_example(served_app, tmp_path):

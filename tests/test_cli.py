@@ -50,6 +50,18 @@ def test_recursive_and_heatmaps(folder, tmp_path):
     assert Image.open(cams / "b_hirescam.png").size == Image.open(folder / "b.png").size
 
 
+def test_warning_column_flags_a_photo(folder, tmp_path):
+    from covidxr.ood import non_xray_images
+
+    (folder / "broken.png").unlink()
+    Image.fromarray(dict(non_xray_images())["skimage:astronaut"]).save(folder / "photo.png")
+    status = main(["predict", str(folder), "--csv", str(tmp_path / "w.csv")])
+    assert status == 0
+    table = pd.read_csv(tmp_path / "w.csv", dtype=str, keep_default_na=False).set_index("file")
+    assert "in colour" in table.loc[str(folder / "photo.png"), "warning"]
+    assert table.loc[str(folder / "a.jpeg"), "warning"] == ""
+
+
 def test_module_entry_point_runs(folder):
     result = subprocess.run([sys.executable, "-m", "covidxr", "predict", str(folder / "a.jpeg")],
                             cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -108,3 +108,51 @@ def test_app_handler_accepts_dicom(tmp_path, xray, predictor):
     probabilities, original, overlay, summary = XrayApp(predictor, tmp_path).analyse(str(path))
     assert original.size == overlay.size == Image.open(png).size
     assert summary.startswith(f"### Prediction: {predictor.predict(png).label}")
+
+
+@pytest.mark.parametrize("syntax", ["JPEG2000Lossless", "RLELossless", "JPEGBaseline8Bit"])
+def test_compressed_dicom_decodes_to_the_same_pixels(tmp_path, xray, predictor, syntax):
+    """Compressed transfer syntaxes, decoded by pylibjpeg (JPEG, JPEG 2000) and pydicom (RLE)."""
+    import io
+
+    import pydicom
+    from pydicom import uid
+    from pydicom.encaps import encapsulate
+
+    png, gray8 = xray
+    path = write_dicom(tmp_path / "plain.dcm", gray8 * 16, 12)
+    dataset = pydicom.dcmread(path)
+    reference = png
+    if syntax == "JPEGBaseline8Bit":  # lossy: compare with the same JPEG bytes read by PIL
+        buffer = io.BytesIO()
+        Image.fromarray(gray8.astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        reference = tmp_path / "same.jpg"
+        reference.write_bytes(buffer.getvalue())
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+        dataset.PixelData = encapsulate([buffer.getvalue()])
+        dataset.file_meta.TransferSyntaxUID = uid.JPEGBaseline8Bit
+        dataset["PixelData"].VR = "OB"
+    else:
+        dataset.compress(getattr(uid, syntax))
+    dataset.save_as(tmp_path / "compressed.dcm", enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "compressed.dcm").file_meta.TransferSyntaxUID == getattr(uid, syntax)
+    np.testing.assert_allclose(load_grayscale(tmp_path / "compressed.dcm"), load_grayscale(reference), atol=3 / 255)
+    from_dicom, from_reference = predictor.predict(tmp_path / "compressed.dcm"), predictor.predict(reference)
+    assert from_dicom.label == from_reference.label
+    assert from_dicom.probabilities["covid"] == pytest.approx(from_reference.probabilities["covid"], abs=0.02)
+
+
+def test_undecodable_compressed_dicom_is_refused_clearly(tmp_path, xray):
+    import pydicom
+    from pydicom import uid
+    from pydicom.encaps import encapsulate
+
+    _, gray8 = xray
+    path = write_dicom(tmp_path / "plain.dcm", gray8, 8)
+    dataset = pydicom.dcmread(path)
+    dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"garbage" * 100])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = uid.JPEG2000Lossless
+    dataset.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageLoadError, match="cannot decode DICOM pixel data .*JPEG 2000"):
+        load_grayscale(path)

@@ -49,3 +49,25 @@ def test_checkpoint_loads_and_predicts(tiny_run, manifest_frame):
     assert abs(sum(prediction.probabilities.values()) - 1) < 1e-5
     # The fp16 weights round-trip: the model in the run folder gives the same answer each time.
     assert predictor.predict(image).probabilities == prediction.probabilities
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    """DistributedDataParallel under torchrun: 2 CPU processes (gloo), one tiny epoch."""
+    import subprocess
+    import sys
+
+    from conftest import MANIFEST, REPO
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "train.py", "--manifest", str(MANIFEST), "--max-per-class", "6", "--epochs", "1",
+               "--input-size", "64", "--batch-size", "8", "--threads", "1", "--device", "cpu",
+               "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "distributed: 2 processes (gloo), 4 images per process per step" in result.stdout
+    assert json.loads((out / "args.json").read_text())["processes"] == 2
+    assert list(pd.read_csv(out / "history.csv")["epoch"]) == [1]
+    predictor = Predictor.load(out / "model.safetensors")
+    assert predictor.config["training"]["epochs_run"] == 1
+    assert predictor.predict(np.zeros((80, 80), np.uint8)).label in predictor.classes

@@ -1,0 +1,273 @@
+"""Benchmark: what each step costs, for the shipped model and for two well-known architectures.
+
+    python -m covidxr.bench                # prints the table, updates BENCHMARKS.md
+    python -m covidxr.bench --quick        # fewer repeats (a smoke run)
+
+Every figure is a median (and p95) over repeated runs after warm-up, in one process, so the
+ratios between architectures are fair even on a noisy machine. densenet121 (the architecture
+of CheXNet and torchxrayvision's models) and resnet18 run the very same pipeline (randomly
+initialised: their weights do not change their cost). The "floor" is the model's FLOPs over the
+multiply-add rate this CPU reaches on one large matrix product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from .data import load_image, prepare
+from .explain import METHODS
+from .model import build_model, count_parameters, gradcam_layer_name
+from .predictor import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data" / "cxr"
+COMPARED = ("densenet121", "resnet18")
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def timings(function, repeats: int, warmup: int = 2) -> dict:
+    """Median, p95 and all runs of `function()` in milliseconds."""
+    for _ in range(warmup):
+        function()
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        runs.append((time.perf_counter() - started) * 1000)
+    return {"median": statistics.median(runs), "p95": float(np.percentile(runs, 95)), "runs": len(runs)}
+
+
+def model_flops(model: torch.nn.Module, size: int) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass on a (1, 1, size, size) image."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 1, size, size))
+    return int(counter.get_total_flops())
+
+
+def cpu_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """What this CPU sustains on one big float32 matrix product: the practical compute ceiling."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    median = timings(lambda: a @ b, repeats)["median"] / 1000
+    return 2 * size**3 / median / 1e9
+
+
+def pipeline(predictor: Predictor, paths: list[Path], repeats: int, methods: list[str]) -> dict:
+    """Per-image costs of decode+preprocess, predict and predict+CAM, over real X-rays."""
+    size = predictor.config["input_size"]
+    prepared = [prepare(load_image(path)[0], size) for path in paths]
+    # The explainer's input at model size, so these rows time the network and the CAM,
+    # not the full-resolution overlay (timed on its own below).
+    small = [p[0].float().numpy() / 255 for p in prepared]
+    cycle = iter(range(10**9))
+
+    def pick(items):
+        return items[next(cycle) % len(items)]
+
+    result = {
+        "decode+preprocess": timings(lambda: prepare(load_image(pick(paths))[0], size), repeats),
+        "predict": timings(lambda: predictor.probabilities_and_features(pick(prepared)[None]), repeats),
+    }
+    for method in methods:
+        runs = max(3, repeats // 10) if method == "scorecam" else repeats
+        result[f"predict+{method}"] = timings(lambda: predictor.explain(pick(small), method=method), runs)
+    result["explain, full pipeline (file to overlay)"] = timings(lambda: predictor.explain(pick(paths)),
+                                                                 max(5, repeats // 2))
+    batch = torch.stack(prepared * (32 // len(prepared) + 1))[:32]
+    per_batch = timings(lambda: predictor.probabilities(batch), max(3, repeats // 5))
+    result["batch_images_per_s"] = 32 / (per_batch["median"] / 1000)
+    return result
+
+
+def training_throughput(arch: str, size: int, batch_size: int, steps: int, device: torch.device) -> float:
+    """Images per second of forward + backward + AdamW step on (batch, 1, size, size), channels_last."""
+    model = build_model(arch, 3).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inputs = torch.randn(batch_size, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 3, (batch_size,), device=device)
+
+    def step():
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            loss = torch.nn.functional.cross_entropy(model(inputs).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    median = timings(step, steps, warmup=1)["median"] / 1000
+    return batch_size / median
+
+
+def app_round_trip(paths: list[Path], repeats: int) -> dict:
+    """Upload, predict, Grad-CAM and the overlay back, through the launched app."""
+    from gradio_client import Client, handle_file
+
+    from .loadtest import AppProcess
+
+    with AppProcess() as app:
+        client = Client(app.url, verbose=False)
+        cycle = iter(range(10**9))
+        result = timings(lambda: client.predict(handle_file(str(paths[next(cycle) % len(paths)])),
+                                                "gradcam", "predicted class", 0.4, api_name="/predict"),
+                         repeats, warmup=3)
+        result["peak_rss_mb"] = _peak_rss_mb(app.process.pid)
+    return result
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's high-water mark of resident memory (VmHWM), or its current RSS elsewhere."""
+    status = Path(f"/proc/{pid}/status")
+    if status.exists():
+        match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
+        if match:
+            return int(match.group(1)) / 1024
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def sample_paths(count: int) -> list[Path]:
+    from .loadtest import default_images
+
+    return default_images(DATA_DIR, count)
+
+
+def run(repeats: int, train_steps: int, with_app: bool, methods: list[str]) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shipped = Predictor.load(device="cpu")
+    size = shipped.config["input_size"]
+    paths = sample_paths(10)
+    results = {"machine": machine(), "input_size": size, "models": {}}
+    candidates = {shipped.config["arch"]: shipped}
+    for arch in COMPARED:
+        config = dict(shipped.config, arch=arch, gradcam_layer=gradcam_layer_name(arch))
+        candidates[arch] = Predictor(build_model(arch, len(shipped.classes)), config, "cpu")
+    for arch, predictor in tqdm(candidates.items(), desc="benchmark", unit="model"):
+        cpu_model = build_model(arch, len(shipped.classes))
+        entry = {"parameters": count_parameters(cpu_model), "gflops": model_flops(cpu_model, size) / 1e9}
+        entry["cpu"] = pipeline(predictor, paths, repeats, methods if arch == shipped.config["arch"] else ["gradcam"])
+        entry["train_images_per_s_cpu"] = training_throughput(arch, size, 32, train_steps, torch.device("cpu"))
+        if device.type == "cuda":
+            entry["train_images_per_s_gpu"] = training_throughput(arch, size, 32, 3 * train_steps, device)
+        results["models"][arch] = entry
+    if with_app:
+        results["app_round_trip"] = app_round_trip(paths, max(10, repeats))
+    results["cpu_gflops"] = cpu_gflops()
+    return results
+
+
+def machine() -> dict:
+    name = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def markdown(results: dict) -> str:
+    models = results["models"]
+    shipped = next(iter(models))
+    head = models[shipped]
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads"
+             + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU") + f". Input {results['input_size']} px. "
+             f"CPU ceiling (one 2048x2048 float32 matrix product): {results['cpu_gflops']:.0f} GFLOP/s.",
+             "",
+             f"| per image, CPU (ms, median / p95) | {' | '.join(models)} | "
+             + " | ".join(f"{shipped} speed-up vs {a}" for a in list(models)[1:]) + " |",
+             "|---|" + "---|" * (2 * len(models) - 1)]
+    rows = [row for row in head["cpu"] if row != "batch_images_per_s"]
+    for row in rows:
+        cells = []
+        for arch in models:
+            value = models[arch]["cpu"].get(row)
+            cells.append(f"{value['median']:.1f} / {value['p95']:.1f}" if value else "")
+        ratios = []
+        for arch in list(models)[1:]:
+            value = models[arch]["cpu"].get(row)
+            ratios.append(f"{value['median'] / head['cpu'][row]['median']:.1f}x" if value else "")
+        lines.append(f"| {row} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    lines += [f"| parameters | " + " | ".join(f"{models[a]['parameters'] / 1e6:.2f} M" for a in models) + " | "
+              + " | ".join(f"{models[a]['parameters'] / head['parameters']:.1f}x" for a in list(models)[1:]) + " |",
+              f"| forward GFLOPs | " + " | ".join(f"{models[a]['gflops']:.2f}" for a in models) + " | "
+              + " | ".join(f"{models[a]['gflops'] / head['gflops']:.1f}x" for a in list(models)[1:]) + " |",
+              f"| batch inference (images/s, batch 32) | "
+              + " | ".join(f"{models[a]['cpu']['batch_images_per_s']:.0f}" for a in models) + " | "
+              + " | ".join(f"{head['cpu']['batch_images_per_s'] / models[a]['cpu']['batch_images_per_s']:.1f}x"
+                           for a in list(models)[1:]) + " |",
+              f"| training (images/s, CPU, batch 32) | "
+              + " | ".join(f"{models[a]['train_images_per_s_cpu']:.0f}" for a in models) + " | "
+              + " | ".join(f"{head['train_images_per_s_cpu'] / models[a]['train_images_per_s_cpu']:.1f}x"
+                           for a in list(models)[1:]) + " |"]
+    if "train_images_per_s_gpu" in head:
+        lines.append(f"| training (images/s, {m['gpu']}, AMP) | "
+                     + " | ".join(f"{models[a]['train_images_per_s_gpu']:.0f}" for a in models) + " | |")
+    # The floor: FLOPs over the CPU ceiling. Backward costs about twice the forward.
+    floor_forward = head["gflops"] / results["cpu_gflops"] * 1000
+    predict = head["cpu"]["predict"]["median"]
+    cam = head["cpu"]["predict+gradcam"]["median"]
+    lines += ["", f"Floor for {shipped}: {head['gflops']:.2f} GFLOPs per forward pass / "
+              f"{results['cpu_gflops']:.0f} GFLOP/s = {floor_forward:.1f} ms. Predict takes {predict:.1f} ms "
+              f"({predict / floor_forward:.1f}x the floor); predict + Grad-CAM (a forward and a backward to the "
+              f"CAM layer, about 2x to 3x the forward's work, floor {2 * floor_forward:.1f}-{3 * floor_forward:.1f} ms) takes "
+              f"{cam:.1f} ms; batched inference reaches {head['cpu']['batch_images_per_s']:.0f} images/s, "
+              f"{1000 / head['cpu']['batch_images_per_s']:.1f} ms per image ({1000 / head['cpu']['batch_images_per_s'] / floor_forward:.1f}x the floor)."]
+    if "app_round_trip" in results:
+        trip = results["app_round_trip"]
+        lines += ["", f"App round trip through `gradio_client` (upload, predict, Grad-CAM, overlay back; "
+                  f"{trip['runs']} requests after warm-up): median {trip['median']:.0f} ms, p95 {trip['p95']:.0f} ms. "
+                  f"Peak resident memory of the app process: {trip['peak_rss_mb']:.0f} MiB."]
+    return "\n".join(lines)
+
+
+def write_markdown(section: str, path: Path) -> None:
+    """Replace the generated part of BENCHMARKS.md, keeping the hand-written notes around it."""
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text:
+        text += f"\n{START}\n{END}\n"
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1] if END in rest else ""
+    path.write_text(f"{before}{START}\n{section}\n{END}{after}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m covidxr.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="few repeats, no app, Grad-CAM only")
+    parser.add_argument("--no-app", action="store_true", help="skip the app round trip")
+    parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
+    args = parser.parse_args(argv)
+    methods = sorted(METHODS)
+    if args.quick:
+        args.repeats, args.train_steps, args.no_app, methods = 3, 1, True, ["gradcam"]
+    results = run(args.repeats, args.train_steps, not args.no_app, methods)
+    section = markdown(results)
+    print(section)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    write_markdown(section, args.markdown)
+    return results
+
+
+if __name__ == "__main__":
+    main()

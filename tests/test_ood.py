@@ -1,0 +1,99 @@
+"""The not-a-chest-X-ray check: warnings on photos, documents and thumbnails, none on most X-rays."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import DATA_DIR
+from covidxr import Predictor
+from covidxr.checkpoint import load_checkpoint, read_config
+from covidxr.data import colourfulness
+from covidxr.ood import OutOfDistribution, non_xray_images
+from covidxr.predictor import SHIPPED_CHECKPOINT, SHIPPED_SPLIT
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor.load()
+
+
+@pytest.fixture(scope="module")
+def test_xrays():
+    """X-rays of the shipped model's own test patients (never seen in its training)."""
+    split = pd.read_csv(SHIPPED_SPLIT)
+    rows = split[split["split"] == "test"].groupby("source_dataset").head(6)
+    return [DATA_DIR / name for name in rows["filename"]]
+
+
+def test_fit_thresholds_at_the_validation_percentile():
+    rng = np.random.default_rng(0)
+    train = np.r_[rng.normal(0, 1, (300, 8)), rng.normal(5, 1, (300, 8))]
+    targets = np.r_[np.zeros(300), np.ones(300)]
+    val = np.r_[rng.normal(0, 1, (200, 8)), rng.normal(5, 1, (200, 8))]
+    detector = OutOfDistribution.fit(train, targets, val, input_size=224, percentile=95)
+    assert np.mean(detector.distance(val) > detector.threshold) == pytest.approx(0.05, abs=0.01)
+    # Near either class mean: in distribution. Between them, or far away: out.
+    assert detector.distance(np.zeros((1, 8)))[0] < detector.threshold
+    assert detector.distance(np.full((1, 8), 5.0))[0] < detector.threshold
+    assert detector.distance(np.full((1, 8), 2.5))[0] > detector.threshold
+    assert detector.distance(np.full((1, 8), -20.0))[0] > 5 * detector.threshold
+    assert detector.min_side == 112
+
+
+def test_shipped_checkpoint_carries_the_check(predictor):
+    config = read_config(SHIPPED_CHECKPOINT)
+    assert config["ood"]["threshold"] > 0 and config["ood"]["percentile"] == 99.0
+    state, _ = load_checkpoint(SHIPPED_CHECKPOINT)
+    assert {"ood.class_means", "ood.precision"} <= set(state)
+    assert state["ood.precision"].dtype == torch.float32  # kept at full precision, unlike the weights
+    assert predictor.ood is not None and predictor.ood.class_means.shape == (3, 320)
+
+
+def test_real_xrays_mostly_pass(predictor, test_xrays):
+    warned = [path.name for path in test_xrays if predictor.predict(path).warnings]
+    assert len(warned) <= 0.1 * len(test_xrays), warned
+
+
+def test_non_xrays_are_flagged_with_a_prediction_still_given(predictor):
+    images = non_xray_images()
+    predictions = predictor.predict_batch([image for _, image in images])
+    missed = [name for (name, _), p in zip(images, predictions) if not p.warnings]
+    assert len(missed) <= 0.1 * len(images), missed
+    assert all(p.label in predictor.classes for p in predictions)
+
+
+def test_each_check_says_what_it_found(predictor, manifest_frame):
+    xray = np.asarray(Image.open(DATA_DIR / manifest_frame.iloc[0]["filename"]).convert("L"))
+    tinted = np.stack([xray, (xray * 0.5).astype(np.uint8), np.zeros_like(xray)], axis=-1)
+    assert any("in colour" in w for w in predictor.predict(tinted).warnings)
+    thumbnail = np.asarray(Image.fromarray(xray).resize((64, 64)))
+    assert any("only 64 x 64 pixels" in w for w in predictor.predict(thumbnail).warnings)
+    document = dict(non_xray_images())["generated:document0"]
+    assert any("unlike the frontal chest X-rays" in w for w in predictor.predict(document).warnings)
+
+
+def test_gray_rgb_has_no_colour_and_explanations_carry_warnings(predictor):
+    gray = np.random.default_rng(1).integers(0, 255, (50, 60), dtype=np.uint8)
+    assert colourfulness(np.stack([gray] * 3, axis=-1)) == 0.0
+    assert colourfulness(np.asarray(dict(non_xray_images())["skimage:astronaut"])) > 30
+    explanation = predictor.explain(dict(non_xray_images())["skimage:coffee"])
+    assert explanation.prediction.warnings == predictor.predict(dict(non_xray_images())["skimage:coffee"]).warnings
+    assert len(explanation.prediction.warnings) == 2
+
+
+def test_checkpoint_without_the_check_gives_no_warnings(tmp_path, predictor):
+    from covidxr.checkpoint import save_checkpoint
+
+    config = {k: v for k, v in predictor.config.items() if k not in ("format", "ood")}
+    path = save_checkpoint(tmp_path / "plain.safetensors", predictor.model, config)
+    plain = Predictor.load(path)
+    assert plain.ood is None
+    assert plain.predict(dict(non_xray_images())["skimage:astronaut"]).warnings == []
+
+
+def test_training_fits_the_check(tiny_run):
+    predictor = Predictor.load(tiny_run / "model.safetensors")
+    assert predictor.ood is not None and np.isfinite(predictor.ood.threshold)
+    assert predictor.ood.min_side == 32  # half the run's 64-pixel input
