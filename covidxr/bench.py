@@ -34,7 +34,6 @@ from .predictor import Predictor
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "cxr"
 COMPARED = ("densenet121", "resnet18")
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def timings(function, repeats: int, warmup: int = 2) -> dict:
@@ -64,7 +63,7 @@ def cpu_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / median / 1e9
 
 
-def pipeline(predictor: Predictor, paths: list[Path], repeats: int, methods: list[str]) -> dict:
+def pipeline(predictor: Predictor, paths: list[Path], repeats: int, methods: list[str], batch_size: int = 32) -> dict:
     """Per-image costs of decode+preprocess, predict and predict+CAM, over real X-rays."""
     size = predictor.config["input_size"]
     prepared = [prepare(load_image(path)[0], size) for path in paths]
@@ -85,9 +84,9 @@ def pipeline(predictor: Predictor, paths: list[Path], repeats: int, methods: lis
         result[f"predict+{method}"] = timings(lambda: predictor.explain(pick(small), method=method), runs)
     result["explain, full pipeline (file to overlay)"] = timings(lambda: predictor.explain(pick(paths)),
                                                                  max(5, repeats // 2))
-    batch = torch.stack(prepared * (32 // len(prepared) + 1))[:32]
+    batch = torch.stack(prepared * (batch_size // len(prepared) + 1))[:batch_size]
     per_batch = timings(lambda: predictor.probabilities(batch), max(3, repeats // 5))
-    result["batch_images_per_s"] = 32 / (per_batch["median"] / 1000)
+    result["batch_images_per_s"] = batch_size / (per_batch["median"] / 1000)
     return result
 
 
@@ -145,23 +144,25 @@ def sample_paths(count: int) -> list[Path]:
     return default_images(DATA_DIR, count)
 
 
-def run(repeats: int, train_steps: int, with_app: bool, methods: list[str]) -> dict:
+def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], compared=COMPARED,
+        batch_size: int = 32) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shipped = Predictor.load(device="cpu")
     size = shipped.config["input_size"]
     paths = sample_paths(10)
-    results = {"machine": machine(), "input_size": size, "models": {}}
+    results = {"machine": machine(), "input_size": size, "batch_size": batch_size, "models": {}}
     candidates = {shipped.config["arch"]: shipped}
-    for arch in COMPARED:
+    for arch in compared:
         config = dict(shipped.config, arch=arch, gradcam_layer=gradcam_layer_name(arch))
         candidates[arch] = Predictor(build_model(arch, len(shipped.classes)), config, "cpu")
     for arch, predictor in tqdm(candidates.items(), desc="benchmark", unit="model"):
         cpu_model = build_model(arch, len(shipped.classes))
         entry = {"parameters": count_parameters(cpu_model), "gflops": model_flops(cpu_model, size) / 1e9}
-        entry["cpu"] = pipeline(predictor, paths, repeats, methods if arch == shipped.config["arch"] else ["gradcam"])
-        entry["train_images_per_s_cpu"] = training_throughput(arch, size, 32, train_steps, torch.device("cpu"))
+        entry["cpu"] = pipeline(predictor, paths, repeats, methods if arch == shipped.config["arch"] else ["gradcam"],
+                                batch_size)
+        entry["train_images_per_s_cpu"] = training_throughput(arch, size, batch_size, train_steps, torch.device("cpu"))
         if device.type == "cuda":
-            entry["train_images_per_s_gpu"] = training_throughput(arch, size, 32, 3 * train_steps, device)
+            entry["train_images_per_s_gpu"] = training_throughput(arch, size, batch_size, 3 * train_steps, device)
         results["models"][arch] = entry
     if with_app:
         results["app_round_trip"] = app_round_trip(paths, max(10, repeats))
@@ -209,11 +210,11 @@ def markdown(results: dict) -> str:
               + " | ".join(f"{models[a]['parameters'] / head['parameters']:.1f}x" for a in list(models)[1:]) + " |",
               f"| forward GFLOPs | " + " | ".join(f"{models[a]['gflops']:.2f}" for a in models) + " | "
               + " | ".join(f"{models[a]['gflops'] / head['gflops']:.1f}x" for a in list(models)[1:]) + " |",
-              f"| batch inference (images/s, batch 32) | "
+              f"| batch inference (images/s, batch {results['batch_size']}) | "
               + " | ".join(f"{models[a]['cpu']['batch_images_per_s']:.0f}" for a in models) + " | "
               + " | ".join(f"{head['cpu']['batch_images_per_s'] / models[a]['cpu']['batch_images_per_s']:.1f}x"
                            for a in list(models)[1:]) + " |",
-              f"| training (images/s, CPU, batch 32) | "
+              f"| training (images/s, CPU, batch {results['batch_size']}) | "
               + " | ".join(f"{models[a]['train_images_per_s_cpu']:.0f}" for a in models) + " | "
               + " | ".join(f"{head['train_images_per_s_cpu'] / models[a]['train_images_per_s_cpu']:.1f}x"
                            for a in list(models)[1:]) + " |"]
@@ -238,29 +239,32 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(section: str, path: Path) -> None:
-    """Replace the generated part of BENCHMARKS.md, keeping the hand-written notes around it."""
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
-    if START not in text:
-        text += f"\n{START}\n{END}\n"
-    before, rest = text.split(START, 1)
-    after = rest.split(END, 1)[1] if END in rest else ""
-    path.write_text(f"{before}{START}\n{section}\n{END}{after}")
+def write_markdown(section: str, path: Path, marker: str = "bench") -> None:
+    """Replace one generated part of BENCHMARKS.md (between <!-- marker:start --> and
+    <!-- marker:end -->), keeping the hand-written text around it."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1] if end in rest else ""
+    path.write_text(f"{before}{start}\n{section}\n{end}{after}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m covidxr.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--train-steps", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="few repeats, no app, Grad-CAM only")
+    parser.add_argument("--quick", action="store_true", help="few repeats, small batches, no app, Grad-CAM only")
+    parser.add_argument("--compare", nargs="*", default=list(COMPARED), help="architectures run beside the shipped one")
     parser.add_argument("--no-app", action="store_true", help="skip the app round trip")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args(argv)
-    methods = sorted(METHODS)
+    methods, batch_size = sorted(METHODS), 32
     if args.quick:
-        args.repeats, args.train_steps, args.no_app, methods = 3, 1, True, ["gradcam"]
-    results = run(args.repeats, args.train_steps, not args.no_app, methods)
+        args.repeats, args.train_steps, args.no_app, methods, batch_size = 3, 1, True, ["gradcam"], 4
+    results = run(args.repeats, args.train_steps, not args.no_app, methods, args.compare, batch_size)
     section = markdown(results)
     print(section)
     args.json.parent.mkdir(parents=True, exist_ok=True)

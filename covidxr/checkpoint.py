@@ -16,7 +16,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT = "covidxr-checkpoint/1"
-REQUIRED_KEYS = ("arch", "classes", "input_size", "normalisation", "gradcam_layer")
+# What each kind of model must say about itself ("task"; a classifier when absent).
+REQUIRED_KEYS = {"classification": ("arch", "classes", "input_size", "normalisation", "gradcam_layer"),
+                 "segmentation": ("arch", "input_size", "normalisation")}
 
 
 class CheckpointError(ValueError):
@@ -29,7 +31,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict,
 
     `extra_tensors` (e.g. the not-an-X-ray statistics, ood.py) are stored as given, in float32.
     """
-    missing = [key for key in REQUIRED_KEYS if key not in config]
+    missing = _missing(config)
     if missing:
         raise CheckpointError(f"checkpoint config lacks {missing}")
     tensors = {}
@@ -83,7 +85,14 @@ def _parse_config(path, metadata: dict | None) -> dict:
         raise CheckpointError(f"{path}: covidxr description is not valid JSON ({error})") from error
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
-    missing = [key for key in REQUIRED_KEYS if key not in config]
+    missing = _missing(config)
     if missing:
         raise CheckpointError(f"{path}: description lacks {missing}")
     return config
+
+
+def _missing(config: dict) -> list[str]:
+    task = config.get("task", "classification")
+    if task not in REQUIRED_KEYS:
+        return [f"a known task (got {task!r})"]
+    return [key for key in REQUIRED_KEYS[task] if key not in config]

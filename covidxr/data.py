@@ -347,16 +347,49 @@ def prepare_all(paths: list[str], size: int, equalize: bool = False, cache_dir: 
 
 
 def training_augmentation(rotation: float = 10.0, brightness: float = 0.3, contrast: float = 0.3,
-                          erase_probability: float = 0.25) -> v2.Compose:
+                          erase_probability: float = 0.25, hide_shortcuts: bool = False) -> v2.Compose:
     """The 2020 recipe (rotation, brightness) plus small shifts, zoom, contrast and erasing.
 
     Random erasing of a patch makes the network gather evidence from more than one spot, which
-    keeps it from leaning on a single marker or border."""
-    return v2.Compose([
-        v2.RandomAffine(degrees=rotation, translate=(0.06, 0.06), scale=(0.9, 1.1)),
-        v2.ColorJitter(brightness=brightness, contrast=contrast),
-        v2.RandomErasing(p=erase_probability, scale=(0.02, 0.1), value=0),
-    ])
+    keeps it from leaning on a single marker or border. `hide_shortcuts` adds `HideShortcuts`."""
+    steps = [v2.RandomAffine(degrees=rotation, translate=(0.06, 0.06), scale=(0.9, 1.1)),
+             v2.ColorJitter(brightness=brightness, contrast=contrast)]
+    if hide_shortcuts:
+        steps.append(HideShortcuts())
+    steps.append(v2.RandomErasing(p=erase_probability, scale=(0.02, 0.1), value=0))
+    return v2.Compose(steps)
+
+
+class HideShortcuts(torch.nn.Module):
+    """Take away what tells a source or an age apart but is not lung: at random, cover the
+    borders (collimation edges, film borders) and the top strip (where hospitals print text
+    markers such as "L", "DX", "PORTABLE") with a flat gray, and bend the tone curve (gamma),
+    since each source has its own exposure and processing. Works on uint8 (1, S, S) images."""
+
+    def __init__(self, border_probability: float = 0.5, top_probability: float = 0.5,
+                 gamma: tuple[float, float] = (0.7, 1.5)):
+        super().__init__()
+        self.border_probability, self.top_probability, self.gamma = border_probability, top_probability, gamma
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        image = image.clone()
+        size = image.shape[-1]
+        fill = int(torch.randint(0, 256, ()).item())
+
+        def band(low: float, high: float) -> int:
+            return int(size * (low + (high - low) * torch.rand(()).item()))
+
+        if torch.rand(()) < self.border_probability:
+            for side in range(4):
+                if torch.rand(()) < 0.5:
+                    width = band(0.02, 0.12)
+                    region = [slice(None)] * image.ndim
+                    region[-1 if side < 2 else -2] = slice(0, width) if side % 2 == 0 else slice(size - width, size)
+                    image[tuple(region)] = fill
+        if torch.rand(()) < self.top_probability:
+            image[..., :band(0.05, 0.15), :] = fill
+        gamma = self.gamma[0] + (self.gamma[1] - self.gamma[0]) * torch.rand(()).item()
+        return v2.functional.adjust_gamma(image, gamma)
 
 
 @dataclass

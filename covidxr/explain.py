@@ -4,6 +4,7 @@
     explanation = predictor.explain("xray.png", target="covid")  # why (not) covid?
     explanation.heatmap   # float32 (H, W) in [0, 1], the input's own height and width
     explanation.overlay   # RGB PIL image: the X-ray with the heatmap blended on it
+    explanation.lung_focus   # share of the heatmap's mass on the lungs (segment.py), in [0, 1]
 
 One forward pass gives both the prediction and the map: the CAM target object decides the
 label from the logits of that pass. The explainer works on its own copy of the network so the
@@ -50,6 +51,12 @@ class Explanation:
     method: str
     prediction: "Prediction"
     image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1]
+    # Where the evidence lies (None without a lung model): shares of the heatmap's mass on the
+    # lungs, on the image border and on the top strip (segment.evidence_shares).
+    lung_mask: np.ndarray | None = None
+    lung_focus: float | None = None
+    border_share: float | None = None
+    top_share: float | None = None
 
 
 class _DecidingTarget:
@@ -72,6 +79,12 @@ class Explainer:
         self.predictor = predictor
         self.model = copy.deepcopy(predictor.model).eval()
         self.layer = self.model.get_submodule(predictor.config["gradcam_layer"])
+        # CAMs need gradients at the CAM layer only, never for the weights. Freeze the weights and
+        # make the layer's output the leaf of the graph: backward then runs through the head alone
+        # instead of through the whole network and every weight (same maps, less work).
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.layer.register_forward_hook(_start_graph_here, prepend=True)
         # One set of hooks on the copy, shared by every CAM method.
         self.hooks = ActivationsAndGradients(self.model, [self.layer], None)
         self.features = FeatureHook(self.model)
@@ -109,16 +122,28 @@ class Explainer:
         self.hooks.clear()
         label = self.predictor.classes[int(self.predictor.decide(probabilities[None])[0])]
         heatmap = _resize(small, gray.shape)
+        lungs, shares = None, {}
+        if self.predictor.segmenter is not None:
+            from .segment import evidence_shares
+
+            lungs = self.predictor.segmenter.segment(gray)
+            shares = evidence_shares(heatmap, lungs)
         return Explanation(
             heatmap=heatmap,
-            overlay=overlay(gray, heatmap, opacity),
+            overlay=overlay(gray, heatmap, opacity, lungs),
             target=deciding.target,
             method=method,
             prediction=Prediction(label=label, probabilities={
                 c: float(p) for c, p in zip(self.predictor.classes, probabilities)},
                 warnings=self.predictor.warnings(self.features.features[0].cpu().numpy(), colour, gray.shape)),
             image=gray,
+            lung_mask=lungs,
+            **shares,
         )
+
+
+def _start_graph_here(module, inputs, output):
+    return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
 
 
 def _resize(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -127,8 +152,14 @@ def _resize(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-def overlay(gray: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4) -> Image.Image:
-    """The X-ray in gray with the heatmap in the jet colour map blended on at `opacity`."""
+def overlay(gray: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4,
+            lung_mask: np.ndarray | None = None) -> Image.Image:
+    """The X-ray in gray with the heatmap in the jet colour map blended on at `opacity`, and the
+    outline of the lungs in white when a mask is given."""
     rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
     blended = show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1.0 - float(opacity))
+    if lung_mask is not None:
+        from .segment import outline
+
+        blended[outline(lung_mask, max(1, min(gray.shape) // 200))] = 255
     return Image.fromarray(blended)

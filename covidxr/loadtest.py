@@ -1,6 +1,6 @@
 """Load test: launch the app as a user would, hit it with concurrent gradio_client clients.
 
-    python -m covidxr.loadtest --clients 16 --requests 208
+    python -m covidxr.loadtest --clients 16 --requests 208 --markdown BENCHMARKS.md
 
 Reports latency per request (median, p95, max, as each client sees it: upload, queue, predict,
 Grad-CAM, overlay download), errors (there should be none), throughput, and the server's
@@ -174,8 +174,9 @@ def markdown(result: dict) -> str:
     latency, memory = result["latency_ms"], result["memory_mb"]
     return "\n".join([
         f"{result['clients']} concurrent gradio_client clients, {result['requests']} requests per round, "
-        f"two rounds, `{result['method']}` (`python -m covidxr.loadtest --clients {result['clients']} "
-        f"--requests {result['requests']}`; {result['cpu']['cores']} cores, {result['cpu']['machine']}).",
+        f"two rounds, `{result['method']}` ({result['cpu']['cores']} cores, {result['cpu']['machine']}; the clients "
+        "run on the same cores as the server). The app serves one request at a time, so a client's latency is "
+        "mostly its wait in the queue: about clients / throughput.",
         "",
         "| measure | round 1 | round 2 |",
         "|---|---|---|",
@@ -200,9 +201,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", default="gradcam")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cxr")
     parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="update this file's loadtest section (e.g. BENCHMARKS.md)")
     args = parser.parse_args(argv)
     result = load_test(default_images(args.data), args.clients, args.requests, args.method)
     print(markdown(result))
+    if args.markdown:
+        from .bench import write_markdown
+
+        write_markdown(markdown(result), args.markdown, "loadtest")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -55,6 +55,8 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.config = config
         self.ood = ood  # the not-a-chest-X-ray check; None for checkpoints without one
+        self.lungs_checkpoint = None  # None: the shipped lung model (segment.py); False: none
+        self._segmenter = None
         self._explainer = None
 
     @classmethod
@@ -135,6 +137,22 @@ class Predictor:
     def predict(self, image) -> Prediction:
         loaded = load_image(image)
         return self._predictions(*self.probabilities_and_features(self.prepare(loaded[0])[None]), [loaded])[0]
+
+    @property
+    def segmenter(self):
+        """The lung segmentation model (segment.py), loaded on first use; None if unavailable."""
+        if self._segmenter is None and self.lungs_checkpoint is not False:
+            from .segment import SHIPPED_LUNGS, LungSegmenter
+
+            path = self.lungs_checkpoint or SHIPPED_LUNGS
+            self._segmenter = LungSegmenter.load(path, self.device) if Path(path).exists() else False
+        return self._segmenter or None
+
+    def segment_lungs(self, image) -> np.ndarray:
+        """Boolean lung mask (H, W) at the image's own size."""
+        if self.segmenter is None:
+            raise FileNotFoundError("no lung segmentation checkpoint (covidxr/weights/covidxr-lungs.safetensors)")
+        return self.segmenter.segment(image)
 
     def explain(self, image, method: str = "gradcam", target: str | None = None, opacity: float = 0.4):
         """A class activation map for `target` (default: the predicted class); see explain.py."""

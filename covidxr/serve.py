@@ -59,6 +59,24 @@ def model_facts(config: dict) -> str:
     return "\n\n".join(lines)
 
 
+# Below this share of the heatmap on the lungs, the app says the evidence lies mostly elsewhere.
+LOW_LUNG_FOCUS = 0.5
+
+
+def focus_text(explanation) -> str:
+    """Where the evidence lies, in words: the lung focus and the shares on border and top strip."""
+    if explanation.lung_focus is None:
+        return ""
+    text = (f"\n\n**Lung focus {explanation.lung_focus:.0%}**: share of the heatmap on the lungs "
+            f"(white outline); {explanation.border_share:.0%} lies on the image border and "
+            f"{explanation.top_share:.0%} on the top strip where text markers sit.")
+    if explanation.lung_focus < LOW_LUNG_FOCUS:
+        text += ("\n\n> **Most of the evidence lies outside the lungs.** The model may be reading something "
+                 "other than lung disease here (a marker, a border, a device, the patient's build): give this "
+                 "prediction less weight.")
+    return text
+
+
 class XrayApp:
     def __init__(self, predictor: Predictor, examples_dir: Path | None = None):
         self.predictor = predictor
@@ -91,6 +109,7 @@ class XrayApp:
                         f"threshold of {decision['threshold']:.2f}, though another class is more probable.")
         if explanation.target != prediction.label:
             summary += f" You are looking at the evidence for {explanation.target}, not for the prediction."
+        summary += focus_text(explanation)
         return prediction.probabilities, original, explanation.overlay, summary
 
     def build(self) -> gr.Blocks:

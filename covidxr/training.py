@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--patience", type=int, default=15, help="epochs without validation gain before stopping")
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--hide-shortcuts", action="store_true",
+                        help="also cover borders and the top strip at random and vary gamma (data.HideShortcuts)")
     parser.add_argument("--equalize", action="store_true",
                         help="histogram-equalise every image (default: min-max stretch only)")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-per-class", type=int, help="use at most N patients' images per class (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader processes that augment the next batch while this one trains (0: inline; "
+                             "on 2 cores a worker only competes with training, see BENCHMARKS.md)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--cache-dir", default=".cache", help="where decoded images are cached")
     parser.add_argument("--out", default=None, help="run folder (default runs/<date>-<arch>)")
@@ -128,6 +133,15 @@ class Distributed:
     def close(self) -> None:
         if self.active:
             torch.distributed.destroy_process_group()
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each DataLoader worker gets its own torch seed from the loader's generator; numpy and
+    # random follow it so augmentation stays reproducible. One thread: the trainer needs the cores.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.set_num_threads(1)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -278,12 +292,14 @@ def _train(args: argparse.Namespace, dist: Distributed) -> Path | None:
     # Model and optimisation.
     model = build_model(args.arch, len(args.classes)).to(device).to(memory_format=torch.channels_last)
     train_set = XrayTensors(images[index["train"]], targets[index["train"]],
-                            None if args.no_augment else training_augmentation())
+                            None if args.no_augment else training_augmentation(hide_shortcuts=args.hide_shortcuts))
     sampler = (torch.utils.data.DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed,
                                                    drop_last=True) if dist.active else None)
     batch_size = max(1, args.batch_size // dist.world)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                                         generator=generator, drop_last=len(train_set) > args.batch_size)
+                                         generator=generator, drop_last=len(train_set) > args.batch_size,
+                                         num_workers=args.workers, persistent_workers=args.workers > 0,
+                                         worker_init_fn=_seed_worker)
     trained = dist.wrap(model)  # what the optimiser steps through: DDP averages the gradients
     criterion = nn.CrossEntropyLoss(weight=class_weights(train_set.targets, len(args.classes)).to(device),
                                     label_smoothing=args.label_smoothing)

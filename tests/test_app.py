@@ -29,6 +29,7 @@ def test_handler_on_a_real_xray(xray_app, manifest_frame):
     assert original.size == overlay.size == Image.open(path).size
     decided = xray_app.predictor.predict(path).label
     assert summary.startswith(f"### Prediction: {decided}")
+    assert "**Lung focus " in summary and "top strip" in summary
     _, _, covid_overlay, covid_summary = xray_app.analyse(str(path), "gradcam++", "covid", 0.6)
     assert "evidence for **covid**" in covid_summary
     assert covid_overlay.tobytes() != overlay.tobytes()

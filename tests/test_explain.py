@@ -80,3 +80,24 @@ def test_cams_are_reused_and_memory_stays_flat(predictor, manifest_frame):
     # Plain predictions run on another copy of the network: no hook holds their activations.
     assert predictor._explainer.hooks.activations == []
     assert (peak_after - peak_before) / 1024 < 30, f"peak RSS grew by {(peak_after - peak_before) / 1024:.0f} MB"
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam"])
+def test_frozen_explainer_gives_the_plain_library_map(method, manifest_frame):
+    """The explainer freezes the weights and starts the graph at the CAM layer; the map must equal
+    pytorch-grad-cam's own, on the untouched network."""
+    import copy
+
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from covidxr.data import load_grayscale
+    from covidxr.explain import _resize
+
+    predictor = Predictor.load()
+    gray = load_grayscale(real_image(manifest_frame, "covid", "ieee8023", 2))
+    ours = predictor.explain(gray, method=method, target="covid")
+    model = copy.deepcopy(predictor.model)
+    inputs = predictor.model_input(predictor.prepare(gray)[None])
+    with METHODS[method](model=model, target_layers=[model.get_submodule(predictor.config["gradcam_layer"])]) as cam:
+        plain = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(predictor.classes.index("covid"))])[0]
+    np.testing.assert_allclose(ours.heatmap, _resize(plain, gray.shape), atol=1e-4)

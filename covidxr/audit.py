@@ -1,0 +1,201 @@
+"""Shortcut audit: does the model look at the lungs? Measured on many images, not one.
+
+    python -m covidxr.audit --checkpoint covidxr/weights/covidxr-cxrnet.safetensors \\
+        --manifest ../shared/data/cxr/manifest.csv --split-csv covidxr/weights/covidxr-cxrnet.split.csv \\
+        --out runs/audit
+
+For every image the model has not been trained or tuned on: the Grad-CAM heatmap, and the share
+of its mass on the lungs (lung focus, from the lung model in segment.py), on the image border and
+on the top strip where text markers sit. Tables per class, per correct/incorrect, per source and
+per age group (audit.md, audit.json), a plot (lung_focus.png), per-image numbers (audit.csv), and
+the 12 images with the lowest lung focus as a contact sheet (lowest_focus.png: it shows data
+images, so it stays in the run folder and out of git).
+
+Sanity check (Adebayo et al., NeurIPS 2018): a map that depends on what the model learned must
+change when the weights are randomised. The audit recomputes the heatmaps with a randomly
+initialised network of the same architecture and reports their Spearman rank correlation with
+the trained model's maps; near 0 means the maps depend on the weights, near 1 that they would
+look the same whatever the model had learned (an edge detector, not an explanation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from .data import parse_filters, read_manifest, select
+from .evaluate import unseen_rows
+from .model import build_model
+from .predictor import Predictor
+
+GROUPS = {"class (true label)": "label", "correct": "correct", "source": "source_dataset", "age group": "age_group"}
+
+
+def audit_frame(predictor: Predictor, frame: pd.DataFrame, method: str = "gradcam", progress: bool = True) -> pd.DataFrame:
+    """One row per image: prediction, correctness, lung focus, border and top-strip shares."""
+    if predictor.segmenter is None:
+        raise FileNotFoundError("the audit needs a lung segmentation model (python -m covidxr.segment)")
+    rows = []
+    for row in tqdm(frame.itertuples(), total=len(frame), desc="auditing", unit="img", disable=not progress):
+        explanation = predictor.explain(row.path, method=method)
+        label = explanation.prediction.label
+        rows.append({"filename": row.filename, "label": row.label, "target": row.target, "predicted": label,
+                     "correct": ("yes" if label == row.target else "no") if row.target else "no class",
+                     "source_dataset": row.source_dataset, "age_group": row.age_group,
+                     "lung_focus": explanation.lung_focus, "border_share": explanation.border_share,
+                     "top_share": explanation.top_share, "lung_area": float(explanation.lung_mask.mean())})
+    return pd.DataFrame(rows)
+
+
+def summary_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    tables = {}
+    for title, column in GROUPS.items():
+        grouped = table.groupby(column)
+        tables[title] = pd.DataFrame({
+            "images": grouped.size(),
+            "lung focus, mean": grouped["lung_focus"].mean(),
+            "lung focus, median": grouped["lung_focus"].median(),
+            "focus < 0.5": grouped["lung_focus"].apply(lambda s: float((s < 0.5).mean())),
+            "border share": grouped["border_share"].mean(),
+            "top-strip share": grouped["top_share"].mean(),
+        })
+    tables["all"] = pd.DataFrame({"images": [len(table)], "lung focus, mean": [table["lung_focus"].mean()],
+                                  "lung focus, median": [table["lung_focus"].median()],
+                                  "focus < 0.5": [float((table["lung_focus"] < 0.5).mean())],
+                                  "border share": [table["border_share"].mean()],
+                                  "top-strip share": [table["top_share"].mean()]}, index=["all"])
+    return tables
+
+
+def randomisation_check(predictor: Predictor, paths: list[str], method: str = "gradcam", seed: int = 0,
+                        progress: bool = True) -> dict:
+    """Spearman rank correlation between the trained model's heatmaps and a random model's."""
+    torch.manual_seed(seed)
+    random_model = build_model(predictor.config["arch"], len(predictor.classes))
+    randomised = Predictor(random_model, predictor.config, predictor.device)
+    randomised.lungs_checkpoint = False  # the maps only
+    correlations = []
+    for path in tqdm(paths, desc="randomised-weights check", unit="img", disable=not progress):
+        trained = predictor.explain(path, method=method, target=predictor.classes[0]).heatmap
+        random = randomised.explain(path, method=method, target=predictor.classes[0]).heatmap
+        # On a coarse grid: the maps are 7x7 upsampled, so pixels are far from independent.
+        rho = spearmanr(_coarse(trained), _coarse(random)).statistic
+        correlations.append(0.0 if np.isnan(rho) else float(rho))
+    return {"images": len(paths), "method": method, "explained_class": predictor.classes[0],
+            "spearman_mean": float(np.mean(correlations)), "spearman_median": float(np.median(correlations)),
+            "spearman_abs_mean": float(np.mean(np.abs(correlations)))}
+
+
+def _coarse(heatmap: np.ndarray, size: int = 28) -> np.ndarray:
+    return np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize((size, size))).ravel()
+
+
+def write_audit(table: pd.DataFrame, sanity: dict | None, predictor: Predictor, frame: pd.DataFrame,
+                out_dir: str | Path, method: str, sheet: bool = True) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "audit.csv", index=False)
+    tables = summary_tables(table)
+    lines = ["# Shortcut audit", "",
+             f"{len(table)} images the model was not trained or tuned on; `{method}` heatmaps. Lung focus: share of "
+             "the heatmap's mass inside the predicted lung field; border: the outer 8% frame; top strip: the top 12%.",
+             ""]
+    for title, frame_ in tables.items():
+        lines += [f"## By {title}" if title != "all" else "## All images", "", frame_.round(3).to_markdown(), ""]
+    if sanity:
+        lines += ["## Randomised-weights sanity check", "",
+                  f"Spearman rank correlation between the trained model's and a randomly initialised model's "
+                  f"`{sanity['method']}` maps (class `{sanity['explained_class']}`) on {sanity['images']} images: "
+                  f"mean {sanity['spearman_mean']:.3f}, median {sanity['spearman_median']:.3f}, "
+                  f"mean |rho| {sanity['spearman_abs_mean']:.3f}. Low values: the maps depend on the learned weights.", ""]
+    (out / "audit.md").write_text("\n".join(lines))
+    (out / "audit.json").write_text(json.dumps(
+        {"tables": {title: frame_.reset_index().to_dict(orient="records") for title, frame_ in tables.items()},
+         "sanity": sanity, "method": method}, indent=2, default=str))
+    _plot(table, out / "lung_focus.png")
+    if sheet:
+        _lowest_sheet(predictor, table, frame, out / "lowest_focus.png", method)
+    return out
+
+
+def _plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = ["source_dataset", "age_group", "label", "correct"]
+    figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.6), sharey=True)
+    for axis, column in zip(axes, columns):
+        groups = sorted(table[column].unique())
+        axis.boxplot([table.loc[table[column] == g, "lung_focus"] for g in groups], showmeans=True)
+        axis.set_xticks(range(1, len(groups) + 1), groups, rotation=30, fontsize=8)
+        axis.set_title(f"by {column}")
+        axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("lung focus (share of heatmap on lungs)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _lowest_sheet(predictor: Predictor, table: pd.DataFrame, frame: pd.DataFrame, path: Path, method: str,
+                  count: int = 12) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lowest = table.nsmallest(count, "lung_focus")
+    paths = dict(zip(frame["filename"], frame["path"]))
+    columns = 4
+    rows = int(np.ceil(len(lowest) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.6 * rows))
+    for axis in np.atleast_1d(axes).ravel():
+        axis.axis("off")
+    for axis, row in zip(np.atleast_1d(axes).ravel(), lowest.itertuples()):
+        explanation = predictor.explain(paths[row.filename], method=method)
+        axis.imshow(explanation.overlay)
+        axis.set_title(f"{row.label} -> {row.predicted}, {row.source_dataset}\nlung focus {row.lung_focus:.2f}",
+                       fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m covidxr.audit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None, help="classifier (default: the shipped model)")
+    parser.add_argument("--lungs", default=None, help="lung checkpoint (default: the shipped one)")
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--split-csv", help="the checkpoint's split: leaves out its train and val patients")
+    parser.add_argument("--filter", action="append", help="COLUMN=VALUE[,VALUE]")
+    parser.add_argument("--limit", type=int, help="only the first N images (smoke runs)")
+    parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--sanity-images", type=int, default=40, help="images for the randomised-weights check")
+    parser.add_argument("--out", default="runs/audit")
+    args = parser.parse_args(argv)
+
+    predictor = Predictor.load(args.checkpoint)
+    predictor.lungs_checkpoint = args.lungs
+    label_map = predictor.config.get("label_map") or {c: c for c in predictor.classes}
+    frame = unseen_rows(select(read_manifest(args.manifest), parse_filters(args.filter), label_map), args.split_csv)
+    if args.limit:
+        frame = frame.head(args.limit)
+    table = audit_frame(predictor, frame, args.method)
+    sample = frame.sample(min(args.sanity_images, len(frame)), random_state=0)["path"].tolist()
+    sanity = randomisation_check(predictor, sample, args.method) if args.sanity_images else None
+    out = write_audit(table, sanity, predictor, frame, args.out, args.method)
+    print((out / "audit.md").read_text())
+    return {"tables": summary_tables(table), "sanity": sanity, "out": out}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Lung segmentation: a compact U-Net trained on the lung masks of ../shared/data/cxr.
+
+    segmenter = LungSegmenter.load()          # the shipped lung model
+    mask = segmenter.segment(image)           # bool (H, W), the image's own size
+
+    python -m covidxr.segment --out runs/lungs   # train, test, write a self-describing checkpoint
+
+It tells the audit (audit.py) and the app where the lungs are, so that a heatmap can be
+scored by how much of its mass falls on them. The masks (V7 Labs, via torchxrayvision) exist for
+adult COVID images only; `python -m covidxr.segment --sheet` draws its masks on adult normals and
+children, to check by eye how far it carries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from scipy import ndimage
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import data_hash, load_grayscale, normalise, prepare, read_manifest, split_by_patient
+
+SHIPPED_LUNGS = Path(__file__).parent / "weights" / "covidxr-lungs.safetensors"
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+NORMALISATION = {"method": "minmax", "mean": 0.5, "std": 0.25}
+
+
+# -- the network --------------------------------------------------------------------------------
+
+def _double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class LungUNet(nn.Module):
+    """U-Net (Ronneberger et al. 2015), four levels, widths 16-128, one input and one output channel."""
+
+    def __init__(self, widths=(16, 32, 64, 128)):
+        super().__init__()
+        self.down = nn.ModuleList()
+        channels = 1
+        for width in widths:
+            self.down.append(_double_conv(channels, width))
+            channels = width
+        self.bottom = _double_conv(widths[-1], widths[-1] * 2)
+        self.up, self.merge = nn.ModuleList(), nn.ModuleList()
+        channels = widths[-1] * 2
+        for width in reversed(widths):
+            self.up.append(nn.ConvTranspose2d(channels, width, 2, stride=2))
+            self.merge.append(_double_conv(2 * width, width))
+            channels = width
+        self.out = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = nn.functional.max_pool2d(x, 2)
+        x = self.bottom(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.out(x)
+
+
+# -- using it -----------------------------------------------------------------------------------
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """Keep the two largest connected regions (the two lungs), holes filled."""
+    labels, count = ndimage.label(mask)
+    if count > 2:
+        sizes = ndimage.sum(mask, labels, range(1, count + 1))
+        keep = 1 + np.argsort(sizes)[-2:]
+        mask = np.isin(labels, keep)
+    return ndimage.binary_fill_holes(mask)
+
+
+class LungSegmenter:
+    def __init__(self, model: nn.Module, config: dict, device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.config = config
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | None = None) -> "LungSegmenter":
+        state, config = load_checkpoint(Path(path) if path else SHIPPED_LUNGS)
+        model = LungUNet(tuple(config["widths"]))
+        model.load_state_dict(state, strict=True)
+        return cls(model, config, device)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Lung probability (N, S, S) for prepared uint8 images (N, 1, S, S)."""
+        norm = self.config["normalisation"]
+        inputs = normalise(batch.to(self.device), norm["mean"], norm["std"])
+        return torch.sigmoid(self.model(inputs).float())[:, 0].cpu()
+
+    def segment(self, image) -> np.ndarray:
+        """Boolean lung mask with the image's own height and width."""
+        gray = load_grayscale(image)
+        probability = self.probabilities(prepare(gray, self.config["input_size"])[None])[0].numpy()
+        resized = Image.fromarray(probability, mode="F").resize((gray.shape[1], gray.shape[0]), Image.Resampling.BILINEAR)
+        return clean_mask(np.asarray(resized) > 0.5)
+
+
+# -- evidence shares: where a heatmap's mass lies --------------------------------------------------
+
+BORDER = 0.08  # outer frame, as a fraction of each side
+TOP = 0.12     # top strip, where text markers sit
+
+
+def evidence_shares(heatmap: np.ndarray, lung_mask: np.ndarray) -> dict[str, float]:
+    """Share of the heatmap's mass inside the lungs, on the image border, and on the top strip."""
+    heatmap = np.clip(np.asarray(heatmap, dtype=np.float64), 0, None)
+    total = heatmap.sum()
+    if total <= 0:
+        return {"lung_focus": 0.0, "border_share": 0.0, "top_share": 0.0}
+    height, width = heatmap.shape
+    border = np.ones_like(lung_mask, dtype=bool)
+    dy, dx = max(1, round(BORDER * height)), max(1, round(BORDER * width))
+    border[dy:height - dy, dx:width - dx] = False
+    top = np.zeros_like(border)
+    top[:max(1, round(TOP * height))] = True
+    return {"lung_focus": float(heatmap[lung_mask].sum() / total),
+            "border_share": float(heatmap[border].sum() / total),
+            "top_share": float(heatmap[top].sum() / total)}
+
+
+def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """The boundary pixels of a mask, `width` pixels thick."""
+    return mask & ~ndimage.binary_erosion(mask, iterations=max(1, width))
+
+
+# -- training -------------------------------------------------------------------------------------
+
+def dice_iou(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    intersection = np.logical_and(predicted, truth).sum()
+    total = predicted.sum() + truth.sum()
+    union = np.logical_or(predicted, truth).sum()
+    return (2 * intersection / total if total else 1.0), (intersection / union if union else 1.0)
+
+
+def _load_pairs(frame: pd.DataFrame, root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, masks = [], []
+    for filename, mask_name in tqdm(zip(frame["filename"], frame["lung_mask"]), total=len(frame),
+                                    desc="reading masks", unit="img"):
+        images.append(prepare(root / filename, size))
+        mask = Image.open(root / mask_name).convert("L").resize((size, size), Image.Resampling.NEAREST)
+        masks.append(torch.from_numpy(np.asarray(mask) > 127)[None])
+    return torch.stack(images), torch.stack(masks)
+
+
+def _augment() -> v2.Compose:
+    # Geometry moves image and mask together (tv_tensors.Mask); intensity touches the image only.
+    return v2.Compose([v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.85, 1.15)),
+                       v2.ColorJitter(brightness=0.3, contrast=0.3)])
+
+
+def train_segmenter(args: argparse.Namespace) -> Path:
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(args.manifest).parent
+    frame = read_manifest(args.manifest)
+    frame = frame[frame["lung_mask"].fillna("") != ""].reset_index(drop=True).assign(target="lung")
+    if args.max_images:  # quick runs: the first patients only
+        frame = frame[frame["patient_id"].isin(frame["patient_id"].drop_duplicates()[:args.max_images])]
+        frame = frame.reset_index(drop=True)
+    frame = split_by_patient(frame, args.seed, 0.15, 0.15)
+    frame[["filename", "lung_mask", "patient_id", "split"]].to_csv(out / "split.csv", index=False)
+    images, masks = _load_pairs(frame, root, args.input_size)
+    index = {name: np.flatnonzero(frame["split"].to_numpy() == name) for name in ("train", "val", "test")}
+    print({name: len(ix) for name, ix in index.items()}, "images;",
+          {name: frame.iloc[ix]["patient_id"].nunique() for name, ix in index.items()}, "patients")
+
+    model = LungUNet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    batches = int(np.ceil(len(index["train"]) / args.batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, epochs=args.epochs, steps_per_epoch=batches)
+    augment = _augment()
+    segmenter = LungSegmenter(model, {"input_size": args.input_size, "normalisation": NORMALISATION}, "cpu")
+    best, best_state, history = -1.0, None, []
+    for epoch in tqdm(range(1, args.epochs + 1), desc="training lung U-Net", unit="epoch"):
+        model.train()
+        order = np.random.permutation(index["train"])
+        losses = []
+        for start in range(0, len(order), args.batch_size):
+            pairs = [augment(images[i], tv_tensors.Mask(masks[i])) for i in order[start:start + args.batch_size]]
+            batch = normalise(torch.stack([p[0] for p in pairs]), NORMALISATION["mean"], NORMALISATION["std"])
+            truth = torch.stack([p[1] for p in pairs]).float()
+            logits = model(batch)
+            probability = torch.sigmoid(logits)
+            soft_dice = 1 - (2 * (probability * truth).sum((1, 2, 3)) + 1) / (probability.sum((1, 2, 3)) + truth.sum((1, 2, 3)) + 1)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, truth) + soft_dice.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        predicted = segmenter.probabilities(images[index["val"]]).numpy() > 0.5
+        val_dice = float(np.mean([dice_iou(p, t[0].numpy())[0] for p, t in zip(predicted, masks[index["val"]])]))
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": val_dice})
+        if val_dice > best:
+            best, best_state = val_dice, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+
+    # Test: at each image's own resolution, against its own mask file, after clean-up.
+    rows = []
+    for i in tqdm(index["test"], desc="testing", unit="img"):
+        row = frame.iloc[i]
+        truth = np.asarray(Image.open(root / row["lung_mask"]).convert("L")) > 127
+        dice, iou = dice_iou(segmenter.segment(root / row["filename"]), truth)
+        rows.append({"filename": row["filename"], "patient_id": row["patient_id"], "dice": dice, "iou": iou})
+    scores = pd.DataFrame(rows)
+    scores.to_csv(out / "test_scores.csv", index=False)
+    metrics = {"split": "test", "images": len(scores), "patients": int(scores["patient_id"].nunique()),
+               "dice_mean": float(scores["dice"].mean()), "dice_median": float(scores["dice"].median()),
+               "iou_mean": float(scores["iou"].mean()), "dice_min": float(scores["dice"].min()),
+               "val_dice": best}
+    config = {"task": "segmentation", "arch": "lung-unet", "widths": [16, 32, 64, 128], "classes": ["lung"],
+              "input_size": args.input_size, "normalisation": NORMALISATION, "metrics": metrics,
+              "data": {"manifest": str(args.manifest), "masks": "lung_mask column (V7 Labs, adult COVID images)",
+                       "train_data_sha256": data_hash(frame.iloc[index["train"]]),
+                       "images": {name: int(len(ix)) for name, ix in index.items()}},
+              "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed},
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    save_checkpoint(out / "lungs.safetensors", model, config)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    return out
+
+
+# -- a contact sheet to judge it by eye where no masks exist ------------------------------------------
+
+def contact_sheet(segmenter: LungSegmenter, paths: list[Path], titles: list[str], path: Path, columns: int = 6) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = int(np.ceil(len(paths) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows))
+    for axis in np.atleast_1d(axes).ravel():
+        axis.axis("off")
+    for axis, image_path, title in zip(np.atleast_1d(axes).ravel(), paths, titles):
+        gray = load_grayscale(image_path)
+        rgb = np.repeat(gray[..., None], 3, axis=-1)
+        rgb[outline(segmenter.segment(gray), max(1, gray.shape[0] // 150))] = (1.0, 0.2, 0.2)
+        axis.imshow(rgb)
+        axis.set_title(title, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def sheet(args: argparse.Namespace) -> Path:
+    """Masks drawn on images the segmenter never had masks for: adult normals, children, pneumonias."""
+    frame = read_manifest(args.manifest)
+    root = Path(args.manifest).parent
+    picks = pd.concat([
+        frame[(frame["label"] == "normal") & (frame["age_group"] == "adult")].sample(6, random_state=0),
+        frame[(frame["label"] == "normal") & (frame["age_group"] == "pediatric")].sample(6, random_state=0),
+        frame[(frame["label"] == "pneumonia") & (frame["age_group"] == "adult")].sample(6, random_state=0),
+        frame[(frame["label"] == "pneumonia") & (frame["age_group"] == "pediatric")].sample(6, random_state=0)])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    titles = [f"{r.label} {r.age_group} {r.source_dataset}" for r in picks.itertuples()]
+    path = contact_sheet(LungSegmenter.load(args.checkpoint), [root / f for f in picks["filename"]], titles,
+                         out / "lung_sheet.png")
+    print(f"contact sheet: {path}")
+    return path
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m covidxr.segment", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", default=str(DATA_DIR / "manifest.csv"))
+    parser.add_argument("--out", default="runs/lungs")
+    parser.add_argument("--input-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-images", type=int, help="use only the first N patients' images (quick runs)")
+    parser.add_argument("--sheet", action="store_true", help="only draw masks on images without masks (no training)")
+    parser.add_argument("--checkpoint", default=None, help="lung checkpoint for --sheet (default: the shipped one)")
+    args = parser.parse_args(argv)
+    return sheet(args) if args.sheet else train_segmenter(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Lung segmentation: the shipped U-Net on real X-rays, the evidence shares, a tiny training run."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import DATA_DIR, MANIFEST, real_image
+from covidxr import Predictor
+from covidxr.checkpoint import read_config
+from covidxr.segment import SHIPPED_LUNGS, LungSegmenter, dice_iou, evidence_shares, main
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return LungSegmenter.load()
+
+
+def test_mask_shape_and_range_on_a_real_xray(segmenter, manifest_frame):
+    path = real_image(manifest_frame, "normal", "nih14", 3)
+    mask = segmenter.segment(path)
+    width, height = Image.open(path).size
+    assert mask.dtype == bool and mask.shape == (height, width)
+    assert 0.15 < mask.mean() < 0.6  # lungs fill a good part of a frontal film, never all of it
+    columns = np.flatnonzero(mask.any(axis=0))
+    left, right = mask[:, : width // 2].sum(), mask[:, width // 2:].sum()
+    assert min(left, right) > 0.3 * max(left, right)  # one lung on each side
+    assert columns.min() > 0.02 * width and columns.max() < 0.98 * width
+
+
+def test_held_out_masks_are_matched(segmenter):
+    """Dice on held-out patients of the shipped lung model's own split (no training images)."""
+    split = pd.read_csv(SHIPPED_LUNGS.with_suffix(".split.csv"))
+    test = split[split["split"] == "test"].head(8)
+    assert len(test) == 8
+    scores = [dice_iou(segmenter.segment(DATA_DIR / row.filename),
+                       np.asarray(Image.open(DATA_DIR / row.lung_mask).convert("L")) > 127)[0]
+              for row in test.itertuples()]
+    assert np.mean(scores) > 0.85, scores
+
+
+def test_checkpoint_describes_itself():
+    config = read_config(SHIPPED_LUNGS)
+    assert config["task"] == "segmentation" and config["arch"] == "lung-unet"
+    assert config["metrics"]["dice_mean"] >= 0.9
+    assert config["metrics"]["images"] > 0
+
+
+def test_evidence_shares():
+    mask = np.zeros((100, 80), bool)
+    mask[30:90, 15:65] = True
+    inside = evidence_shares(mask.astype(float), mask)
+    assert inside["lung_focus"] == pytest.approx(1.0)
+    outside = evidence_shares((~mask).astype(float), mask)
+    assert outside["lung_focus"] == pytest.approx(0.0)
+    top = np.zeros((100, 80))
+    top[:5] = 1.0
+    shares = evidence_shares(top, mask)
+    assert shares["top_share"] == pytest.approx(1.0) and shares["border_share"] == pytest.approx(1.0)
+    assert evidence_shares(np.zeros((10, 10)), mask[:10, :10])["lung_focus"] == 0.0
+
+
+def test_predictor_segments_and_explanations_carry_lung_focus(manifest_frame):
+    predictor = Predictor.load()
+    path = real_image(manifest_frame, "covid", "ieee8023", 4)
+    assert predictor.segment_lungs(path).shape == np.asarray(Image.open(path).convert("L")).shape
+    explanation = predictor.explain(path)
+    assert 0.0 <= explanation.lung_focus <= 1.0
+    assert 0.0 <= explanation.border_share <= 1.0 and 0.0 <= explanation.top_share <= 1.0
+    expected = evidence_shares(explanation.heatmap, explanation.lung_mask)["lung_focus"]
+    assert explanation.lung_focus == pytest.approx(expected)
+
+
+def test_tiny_training_run_and_contact_sheet(tmp_path):
+    out = tmp_path / "lungs"
+    main(["--manifest", str(MANIFEST), "--out", str(out), "--input-size", "64", "--epochs", "1",
+          "--max-images", "12", "--batch-size", "4"])
+    trained = LungSegmenter.load(out / "lungs.safetensors")
+    assert trained.config["input_size"] == 64 and 0 <= trained.config["metrics"]["dice_mean"] <= 1
+    split = pd.read_csv(out / "split.csv")
+    assert split.groupby("patient_id")["split"].nunique().max() == 1
+    sheet = main(["--sheet", "--manifest", str(MANIFEST), "--out", str(tmp_path / "sheet")])
+    assert Image.open(sheet).size[0] > 500
