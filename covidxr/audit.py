@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +67,14 @@ def summary_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
             "focus < 0.5": grouped["lung_focus"].apply(lambda s: float((s < 0.5).mean())),
             "border share": grouped["border_share"].mean(),
             "top-strip share": grouped["top_share"].mean(),
+            "lung area (chance)": grouped["lung_area"].mean(),
         })
     tables["all"] = pd.DataFrame({"images": [len(table)], "lung focus, mean": [table["lung_focus"].mean()],
                                   "lung focus, median": [table["lung_focus"].median()],
                                   "focus < 0.5": [float((table["lung_focus"] < 0.5).mean())],
                                   "border share": [table["border_share"].mean()],
-                                  "top-strip share": [table["top_share"].mean()]}, index=["all"])
+                                  "top-strip share": [table["top_share"].mean()],
+                                  "lung area (chance)": [table["lung_area"].mean()]}, index=["all"])
     return tables
 
 
@@ -87,7 +90,9 @@ def randomisation_check(predictor: Predictor, paths: list[str], method: str = "g
         trained = predictor.explain(path, method=method, target=predictor.classes[0]).heatmap
         random = randomised.explain(path, method=method, target=predictor.classes[0]).heatmap
         # On a coarse grid: the maps are 7x7 upsampled, so pixels are far from independent.
-        rho = spearmanr(_coarse(trained), _coarse(random)).statistic
+        with warnings.catch_warnings():  # a flat random map has no ranks: counted as 0
+            warnings.simplefilter("ignore")
+            rho = spearmanr(_coarse(trained), _coarse(random)).statistic
         correlations.append(0.0 if np.isnan(rho) else float(rho))
     return {"images": len(paths), "method": method, "explained_class": predictor.classes[0],
             "spearman_mean": float(np.mean(correlations)), "spearman_median": float(np.median(correlations)),
@@ -106,7 +111,9 @@ def write_audit(table: pd.DataFrame, sanity: dict | None, predictor: Predictor, 
     tables = summary_tables(table)
     lines = ["# Shortcut audit", "",
              f"{len(table)} images the model was not trained or tuned on; `{method}` heatmaps. Lung focus: share of "
-             "the heatmap's mass inside the predicted lung field; border: the outer 8% frame; top strip: the top 12%.",
+             "the heatmap's mass inside the predicted lung field; border: the outer 8% frame; top strip: the top 12%. "
+             "Lung area: the share of the image the lungs cover, which is the lung focus a heatmap spread evenly "
+             "over the image would get (chance level).",
              ""]
     for title, frame_ in tables.items():
         lines += [f"## By {title}" if title != "all" else "## All images", "", frame_.round(3).to_markdown(), ""]

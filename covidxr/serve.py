@@ -109,7 +109,8 @@ class XrayApp:
                         f"threshold of {decision['threshold']:.2f}, though another class is more probable.")
         if explanation.target != prediction.label:
             summary += f" You are looking at the evidence for {explanation.target}, not for the prediction."
-        summary += focus_text(explanation)
+        if not prediction.warnings:  # lungs found on a photo or a document would mean nothing
+            summary += focus_text(explanation)
         return prediction.probabilities, original, explanation.overlay, summary
 
     def build(self) -> gr.Blocks:
@@ -132,7 +133,7 @@ class XrayApp:
                                              show_heading=False, elem_id="prediction")
                     summary = gr.Markdown(elem_id="summary")
                     with gr.Row():
-                        original = gr.Image(label="X-ray", type="pil", elem_id="original")
+                        original = gr.Image(label="Input, as the model reads it", type="pil", elem_id="original")
                         overlay = gr.Image(label="Heatmap overlay", type="pil", elem_id="overlay")
             gr.Markdown("### Examples")
             if self.examples:

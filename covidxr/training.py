@@ -28,7 +28,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .checkpoint import save_checkpoint  # noqa: E402
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .data import (XrayTensors, data_hash, normalise, parse_filters, parse_label_map,  # noqa: E402
                    prepare_all, read_manifest, select, split_by_patient, training_augmentation)
 from .evaluate import evaluate_predictions, write_gallery, write_report  # noqa: E402
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--test-fraction", type=float, default=0.15)
     parser.add_argument("--max-per-class", type=int, help="use at most N patients' images per class (quick runs)")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this checkpoint's weights (fine-tuning) instead of from scratch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--workers", type=int, default=0,
@@ -290,7 +292,11 @@ def _train(args: argparse.Namespace, dist: Distributed) -> Path | None:
                   f"{args.batch_size // dist.world} images per process per step")
 
     # Model and optimisation.
-    model = build_model(args.arch, len(args.classes)).to(device).to(memory_format=torch.channels_last)
+    model = build_model(args.arch, len(args.classes))
+    if args.init_from:
+        state, _ = load_checkpoint(args.init_from)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ood.")})
+    model = model.to(device).to(memory_format=torch.channels_last)
     train_set = XrayTensors(images[index["train"]], targets[index["train"]],
                             None if args.no_augment else training_augmentation(hide_shortcuts=args.hide_shortcuts))
     sampler = (torch.utils.data.DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed,

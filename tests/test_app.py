@@ -63,6 +63,7 @@ def test_handler_warns_on_a_photo_and_still_predicts(xray_app, tmp_path):
     assert summary.startswith("> ⚠️ **Check the input.**")
     assert "in colour" in summary and "unlike the frontal chest X-rays" in summary
     assert "### Prediction:" in summary and set(probabilities) == {"covid", "normal", "pneumonia"}
+    assert "Lung focus" not in summary  # lungs "found" on a cat would mean nothing
 
 
 def test_handler_needs_a_file(xray_app):
