@@ -143,7 +143,10 @@ class Explainer:
 
 
 def _start_graph_here(module, inputs, output):
-    return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
+    if not torch.is_grad_enabled() or output.requires_grad:
+        return output
+    # A clone of the leaf, so that in-place layers after the CAM layer (densenet's ReLU) are allowed.
+    return output.detach().requires_grad_(True).clone()
 
 
 def _resize(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -133,8 +133,8 @@ class XrayApp:
                                              show_heading=False, elem_id="prediction")
                     summary = gr.Markdown(elem_id="summary")
                     with gr.Row():
-                        original = gr.Image(label="Input, as the model reads it", type="pil", elem_id="original")
-                        overlay = gr.Image(label="Heatmap overlay", type="pil", elem_id="overlay")
+                        original = gr.Image(label="Input, as the model reads it", type="pil", format="jpeg", elem_id="original")
+                        overlay = gr.Image(label="Heatmap overlay", type="pil", format="jpeg", elem_id="overlay")
             gr.Markdown("### Examples")
             if self.examples:
                 gallery = gr.Gallery(value=[(str(path), f"{row['label']}: {row['why']}") for path, row in self.examples],

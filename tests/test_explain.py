@@ -101,3 +101,17 @@ def test_frozen_explainer_gives_the_plain_library_map(method, manifest_frame):
     with METHODS[method](model=model, target_layers=[model.get_submodule(predictor.config["gradcam_layer"])]) as cam:
         plain = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(predictor.classes.index("covid"))])[0]
     np.testing.assert_allclose(ours.heatmap, _resize(plain, gray.shape), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "efficientnet_b0"])
+def test_every_architecture_can_be_explained(arch):
+    """In-place layers after the CAM layer (densenet's final ReLU) must not break the frozen explainer."""
+    from covidxr.model import build_model, gradcam_layer_name
+
+    shipped = Predictor.load()
+    config = dict(shipped.config, arch=arch, gradcam_layer=gradcam_layer_name(arch), input_size=64)
+    predictor = Predictor(build_model(arch, 3), config, "cpu")
+    predictor.lungs_checkpoint = False
+    explanation = predictor.explain(np.random.default_rng(0).random((80, 70)).astype(np.float32))
+    assert explanation.heatmap.shape == (80, 70) and np.isfinite(explanation.heatmap).all()
+    assert explanation.lung_focus is None
