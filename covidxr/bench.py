@@ -237,8 +237,7 @@ def markdown(results: dict) -> str:
               f"through the pooling and last linear layer only (the explainer starts the graph at the CAM layer), so "
               f"its floor is the forward's too: it takes {cam:.1f} ms ({cam / floor_forward:.1f}x). Batched inference "
               f"reaches {head['cpu']['batch_images_per_s']:.0f} images/s, {1000 / head['cpu']['batch_images_per_s']:.1f} ms "
-              f"per image ({1000 / head['cpu']['batch_images_per_s'] / floor_forward:.1f}x the floor): one image at a "
-              "time leaves the cores idle between small operations."]
+              f"per image ({1000 / head['cpu']['batch_images_per_s'] / floor_forward:.1f}x the floor)."]
     if "app_round_trip" in results:
         trip = results["app_round_trip"]
         lines += ["", f"App round trip through `gradio_client` (upload, predict, Grad-CAM, overlay back; "
