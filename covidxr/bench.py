@@ -26,13 +26,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .data import load_image, prepare
+from .data import DATA_DIR, load_image, prepare
 from .explain import METHODS
 from .model import build_model, count_parameters, gradcam_layer_name
 from .predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "data" / "cxr"
 COMPARED = ("densenet121", "resnet18")
 
 
@@ -79,13 +78,14 @@ def pipeline(predictor: Predictor, paths: list[Path], repeats: int, methods: lis
         "decode+preprocess": timings(lambda: prepare(load_image(pick(paths))[0], size), repeats),
         "predict": timings(lambda: predictor.probabilities_and_features(pick(prepared)[None]), repeats),
     }
-    # The CAM rows without the lung outline and lung focus, which are timed on their own.
-    segmenter, lungs = predictor.segmenter, predictor.lungs_checkpoint
-    predictor._segmenter, predictor.lungs_checkpoint = None, False
+    # The CAM rows without the lung outline and lung focus, which are timed on their own: the
+    # same network behind a Predictor that has no lung model.
+    without_lungs = Predictor(predictor.model, predictor.config, predictor.device, predictor.ood)
+    without_lungs.lungs_checkpoint = False
     for method in methods:
         runs = max(3, repeats // 10) if method == "scorecam" else repeats
-        result[f"predict+{method}"] = timings(lambda: predictor.explain(pick(small), method=method), runs)
-    predictor._segmenter, predictor.lungs_checkpoint = segmenter, lungs
+        result[f"predict+{method}"] = timings(lambda: without_lungs.explain(pick(small), method=method), runs)
+    segmenter = predictor.segmenter
     if segmenter is not None:
         result["lung mask (U-Net) for lung focus"] = timings(lambda: segmenter.segment(pick(small)), repeats)
     result["explain, full pipeline (file to overlay, lung focus)"] = timings(lambda: predictor.explain(pick(paths)),

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from .dicom import is_dicom, read_dicom
 
+# The shared data folder beside the repository (../shared/data/cxr), as CI and the team have it.
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # The largest digital radiographs are about 4300 x 4300 (18.5 MP); anything far beyond is refused.
 MAX_PIXELS = 64_000_000

@@ -24,6 +24,8 @@ import numpy as np
 import psutil
 from tqdm.auto import tqdm
 
+from .data import DATA_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=208, help="per round (two rounds are run)")
     parser.add_argument("--method", default="gradcam")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cxr")
+    parser.add_argument("--data", type=Path, default=DATA_DIR)
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--markdown", type=Path, default=None,
                         help="update this file's loadtest section (e.g. BENCHMARKS.md)")

@@ -192,14 +192,10 @@ def non_xray_images(seed: int = 0) -> list[tuple[str, np.ndarray]]:
 
 # -- command line: fit for a run, measure, store in the checkpoint ---------------------------------
 
-def features_of(predictor, images: torch.Tensor) -> np.ndarray:
-    return predictor.probabilities_and_features(images)[1]
-
-
 def fit_for(predictor, images: torch.Tensor, targets: np.ndarray, split: np.ndarray) -> OutOfDistribution:
     """Fit on the 'train' rows of prepared `images`, threshold on the 'val' rows."""
-    features = features_of(predictor, images[np.flatnonzero(split == "train")])
-    val_features = features_of(predictor, images[np.flatnonzero(split == "val")])
+    features = predictor.probabilities_and_features(images[np.flatnonzero(split == "train")])[1]
+    val_features = predictor.probabilities_and_features(images[np.flatnonzero(split == "val")])[1]
     return OutOfDistribution.fit(features, targets[split == "train"], val_features, predictor.config["input_size"])
 
 
@@ -272,11 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
     import pandas as pd
 
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import prepare_all
+    from .data import DATA_DIR, prepare_all
     from .predictor import Predictor
 
     predictor = Predictor.load(args.checkpoint)
-    root = Path(args.data_root or "../shared/data/cxr")
+    root = Path(args.data_root) if args.data_root else DATA_DIR
     frame = pd.read_csv(args.split_csv)
     frame = frame[frame["split"].isin(["train", "val", "test"])].reset_index(drop=True)
     paths = [str(root / name) for name in frame["filename"]]

@@ -30,10 +30,9 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import data_hash, load_grayscale, normalise, prepare, read_manifest, split_by_patient
+from .data import DATA_DIR, data_hash, load_grayscale, normalise, prepare, read_manifest, split_by_patient
 
 SHIPPED_LUNGS = Path(__file__).parent / "weights" / "covidxr-lungs.safetensors"
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 NORMALISATION = {"method": "minmax", "mean": 0.5, "std": 0.25}
 
 
