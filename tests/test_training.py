@@ -71,3 +71,19 @@ def test_torchrun_two_cpu_processes(tmp_path):
     predictor = Predictor.load(out / "model.safetensors")
     assert predictor.config["training"]["epochs_run"] == 1
     assert predictor.predict(np.zeros((80, 80), np.uint8)).label in predictor.classes
+
+
+def test_progressive_resizing_trains_small_then_full_size(tmp_path):
+    """--start-size: early epochs on downscaled images, the best model only from full-size epochs."""
+    from conftest import MANIFEST
+    from covidxr.training import main
+
+    out = main(["--manifest", str(MANIFEST), "--max-per-class", "6", "--epochs", "3", "--input-size", "64",
+                "--start-size", "32", "--full-size-epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"),
+                "--cache-dir", str(tmp_path / "cache")])
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["size"]) == [32, 32, 64]
+    config = read_config(out / "model.safetensors")
+    assert config["input_size"] == 64 and config["training"]["start_size"] == 32
+    assert config["training"]["best_epoch"] == 3
+    assert Predictor.load(out / "model.safetensors").predict(np.zeros((80, 80), np.uint8)).label in config["classes"]
