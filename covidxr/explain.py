@@ -1,10 +1,12 @@
-"""Explanation stage: class activation maps from pytorch-grad-cam, at the image's own size.
+"""Explanation stage: class activation maps from pytorch-grad-cam, at the image's own size
+(or shrunk to `max_side` pixels for display).
 
     explanation = predictor.explain("xray.png")                  # the predicted class, Grad-CAM
     explanation = predictor.explain("xray.png", target="covid")  # why (not) covid?
     explanation.heatmap   # float32 (H, W) in [0, 1], the input's own height and width
     explanation.overlay   # RGB PIL image: the X-ray with the heatmap blended on it
     explanation.lung_focus   # share of the heatmap's mass on the lungs (segment.py), in [0, 1]
+    predictor.explain("xray.png", max_side=640)  # image, heatmap, overlay at most 640 px a side
 
 One forward pass gives both the prediction and the map: the CAM target object decides the
 label from the logits of that pass. The explainer works on its own copy of the network so the
@@ -50,7 +52,7 @@ class Explanation:
     target: str
     method: str
     prediction: "Prediction"
-    image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1]
+    image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1] (shrunk to max_side)
     # Where the evidence lies (None without a lung model): shares of the heatmap's mass on the
     # lungs, on the image border and on the top strip (segment.evidence_shares).
     lung_mask: np.ndarray | None = None
@@ -101,7 +103,10 @@ class Explainer:
         return self.cams[method]
 
     def explain(self, image, method: str = "gradcam", target: str | None = None,
-                opacity: float = 0.4) -> Explanation:
+                opacity: float = 0.4, max_side: int | None = None) -> Explanation:
+        """`max_side`: shrink what is returned (image, heatmap, lung mask, overlay) to at most
+        this many pixels a side. The prediction always comes from the full-size image; a 2,000-px
+        X-ray shown in a 500-px box costs its colour mapping, encoding and transfer for nothing."""
         from .predictor import Prediction
 
         if target is not None and target not in self.predictor.classes:
@@ -121,22 +126,23 @@ class Explainer:
         cam.outputs = None
         self.hooks.clear()
         label = self.predictor.classes[int(self.predictor.decide(probabilities[None])[0])]
-        heatmap = _resize(small, gray.shape)
+        shown = _shrink(gray, max_side)
+        heatmap = _resize(small, shown.shape)
         lungs, shares = None, {}
         if self.predictor.segmenter is not None:
             from .segment import evidence_shares
 
-            lungs = self.predictor.segmenter.segment(gray)
+            lungs = self.predictor.segmenter.segment(shown)
             shares = evidence_shares(heatmap, lungs)
         return Explanation(
             heatmap=heatmap,
-            overlay=overlay(gray, heatmap, opacity, lungs),
+            overlay=overlay(shown, heatmap, opacity, lungs),
             target=deciding.target,
             method=method,
             prediction=Prediction(label=label, probabilities={
                 c: float(p) for c, p in zip(self.predictor.classes, probabilities)},
                 warnings=self.predictor.warnings(self.features.features[0].cpu().numpy(), colour, gray.shape)),
-            image=gray,
+            image=shown,
             lung_mask=lungs,
             **shares,
         )
@@ -147,6 +153,16 @@ def _start_graph_here(module, inputs, output):
         return output
     # A clone of the leaf, so that in-place layers after the CAM layer (densenet's ReLU) are allowed.
     return output.detach().requires_grad_(True).clone()
+
+
+def _shrink(gray: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The image scaled down (area-averaged) so its longer side is at most `max_side`."""
+    height, width = gray.shape
+    if max_side is None or max(height, width) <= max_side:
+        return gray
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(gray, mode="F").resize(size, Image.Resampling.BOX), dtype=np.float32)
 
 
 def _resize(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -154,13 +154,15 @@ class Predictor:
             raise FileNotFoundError("no lung segmentation checkpoint (covidxr/weights/covidxr-lungs.safetensors)")
         return self.segmenter.segment(image)
 
-    def explain(self, image, method: str = "gradcam", target: str | None = None, opacity: float = 0.4):
-        """A class activation map for `target` (default: the predicted class); see explain.py."""
+    def explain(self, image, method: str = "gradcam", target: str | None = None, opacity: float = 0.4,
+                max_side: int | None = None):
+        """A class activation map for `target` (default: the predicted class), at the image's size
+        or at most `max_side` pixels a side; see explain.py."""
         if self._explainer is None:
             from .explain import Explainer
 
             self._explainer = Explainer(self)
-        return self._explainer.explain(image, method=method, target=target, opacity=opacity)
+        return self._explainer.explain(image, method=method, target=target, opacity=opacity, max_side=max_side)
 
     def predict_batch(self, images, batch_size: int = 32, progress: bool = False) -> list[Prediction]:
         images = list(images)

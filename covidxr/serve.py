@@ -25,6 +25,9 @@ METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "
                  "scorecam": "Score-CAM (slow)"}
 # Uploads above this are refused by the server before they reach the model.
 MAX_FILE_SIZE = "40mb"
+# The two images go back at most this many pixels a side: enough for the full-screen view,
+# and a 3,000-px DICOM no longer costs its colour mapping, JPEG encoding and transfer at full size.
+DISPLAY_SIDE = 1024
 M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
 
 
@@ -93,7 +96,8 @@ class XrayApp:
         if target is not None and target not in self.predictor.classes:
             raise gr.Error(f"Unknown class {explain_class!r}; choose one of {', '.join(self.predictor.classes)}.")
         try:
-            explanation = self.predictor.explain(path, method=method, target=target, opacity=float(opacity))
+            explanation = self.predictor.explain(path, method=method, target=target, opacity=float(opacity),
+                                                 max_side=DISPLAY_SIDE)
         except ImageLoadError as error:
             raise gr.Error(f"Cannot read {path.name}: {error}") from error
         prediction = explanation.prediction

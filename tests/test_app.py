@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import real_image
 from covidxr import Predictor
 from covidxr.examples import FETCH_COMMAND
-from covidxr.serve import PREDICTED, XrayApp, model_facts
+from covidxr.serve import DISPLAY_SIDE, PREDICTED, XrayApp, model_facts
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -33,6 +33,14 @@ def test_handler_on_a_real_xray(xray_app, manifest_frame):
     _, _, covid_overlay, covid_summary = xray_app.analyse(str(path), "gradcam++", "covid", 0.6)
     assert "evidence for **covid**" in covid_summary
     assert covid_overlay.tobytes() != overlay.tobytes()
+
+
+def test_handler_returns_display_sized_images(xray_app, manifest_frame, tmp_path):
+    image = Image.open(real_image(manifest_frame, "normal", "nih14")).convert("L")
+    path = tmp_path / "scanner-size.png"
+    image.resize((2400, 2400), Image.Resampling.BICUBIC).save(path)
+    _, original, overlay, _ = xray_app.analyse(str(path))
+    assert original.size == overlay.size == (DISPLAY_SIDE, DISPLAY_SIDE)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -42,6 +42,23 @@ def test_prediction_matches_predict(predictor, covid_xray):
         assert explanation.prediction.probabilities[name] == pytest.approx(prediction.probabilities[name], abs=1e-4)
 
 
+def test_max_side_shrinks_what_is_shown_not_what_is_predicted(predictor, covid_xray, tmp_path):
+    # A real X-ray enlarged to 1,500 px high, as a scanner would send it.
+    image = Image.open(covid_xray).convert("L")
+    large = image.resize((round(image.width * 1500 / image.height), 1500), Image.Resampling.BICUBIC)
+    path = tmp_path / "large.png"
+    large.save(path)
+    full = predictor.explain(path)
+    shown = predictor.explain(path, max_side=400)
+    assert max(shown.heatmap.shape) == 400 and shown.heatmap.shape == shown.image.shape == shown.lung_mask.shape
+    assert shown.overlay.size == (shown.image.shape[1], shown.image.shape[0])
+    assert shown.image.shape[0] / shown.image.shape[1] == pytest.approx(large.height / large.width, rel=0.01)
+    assert shown.prediction == full.prediction
+    assert shown.lung_focus == pytest.approx(full.lung_focus, abs=0.03)
+    # Smaller than max_side already: returned at its own size.
+    assert predictor.explain(covid_xray, max_side=5000).heatmap.shape == (image.height, image.width)
+
+
 def test_any_class_can_be_explained(predictor, covid_xray):
     for_covid = predictor.explain(covid_xray, target="covid")
     for_normal = predictor.explain(covid_xray, target="normal")
