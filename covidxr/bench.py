@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .data import DATA_DIR, load_image, prepare
 from .explain import METHODS
-from .model import build_model, count_parameters, gradcam_layer_name
+from .model import build_model, count_parameters, fold_batch_norms, gradcam_layer_name
 from .predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +160,8 @@ def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], comp
     candidates = {shipped.config["arch"]: shipped}
     for arch in compared:
         config = dict(shipped.config, arch=arch, gradcam_layer=gradcam_layer_name(arch))
-        candidates[arch] = Predictor(build_model(arch, len(shipped.classes)), config, "cpu")
+        # Folded like the shipped model's (Predictor.load), so the comparison is like for like.
+        candidates[arch] = Predictor(fold_batch_norms(build_model(arch, len(shipped.classes))), config, "cpu")
     for arch, predictor in tqdm(candidates.items(), desc="benchmark", unit="model"):
         cpu_model = build_model(arch, len(shipped.classes))
         entry = {"parameters": count_parameters(cpu_model), "gflops": model_flops(cpu_model, size) / 1e9}

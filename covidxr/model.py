@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models as tv_models
 from torchvision.models.resnet import BasicBlock
 
@@ -113,3 +114,26 @@ def gradcam_layer_name(arch: str) -> str:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """For inference only: fold every batch norm that directly follows a convolution into the
+    convolution's weights, and put an identity in its place (in place; returns `model`).
+
+    Same outputs to float rounding, one pass over memory fewer per layer (batch norm took about
+    13% of the forward pass in the profile). Module names stay, so Grad-CAM still finds its layer.
+    A network that torch.fx cannot trace is returned unchanged."""
+    model.eval()
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any tracing failure only means no folding
+        return model
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        source = node.args[0] if node.args else None
+        if (node.op == "call_module" and isinstance(modules.get(node.target), nn.BatchNorm2d)
+                and isinstance(source, torch.fx.Node) and source.op == "call_module"
+                and isinstance(modules.get(source.target), nn.Conv2d) and len(source.users) == 1):
+            model.set_submodule(source.target, fuse_conv_bn_eval(modules[source.target], modules[node.target]))
+            model.set_submodule(node.target, nn.Identity())
+    return model

@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .data import DATA_DIR, prepare_all
+    from .model import build_model
     from .predictor import Predictor
 
     predictor = Predictor.load(args.checkpoint)
@@ -288,7 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
         OutOfDistribution.from_checkpoint(state, config)  # drop any earlier fit
         config["ood"] = detector.describe() | {key: result[key] for key in (
             "test_xrays", "false_alarm_rate", "non_xrays", "detection_rate")}
-        model = predictor.model.cpu()
+        # The weights as stored, not the predictor's copy (its batch norms are folded for inference).
+        model = build_model(config["arch"], len(config["classes"]))
+        model.load_state_dict(state)
         save_checkpoint(args.checkpoint, model, {k: v for k, v in config.items() if k != "format"},
                         extra_tensors=detector.tensors())
         print(f"stored in {args.checkpoint}")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import load_image, normalise, prepare
-from .model import build_model
+from .model import build_model, fold_batch_norms
 from .ood import FeatureHook, OutOfDistribution
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "covidxr-cxrnet.safetensors"
@@ -61,7 +61,9 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None) -> "Predictor":
-        """The shipped model, or the checkpoint at `path`."""
+        """The shipped model, or the checkpoint at `path`, ready to predict: its batch norms are
+        folded into the convolutions (`model.fold_batch_norms`). To train or save weights, build
+        the network from `load_checkpoint` instead."""
         path = Path(path) if path else SHIPPED_CHECKPOINT
         state, config = load_checkpoint(path)
         ood = OutOfDistribution.from_checkpoint(state, config)
@@ -72,7 +74,8 @@ class Predictor:
             raise CheckpointError(
                 f"{path}: weights do not fit architecture {config['arch']!r} with "
                 f"{len(config['classes'])} classes: {str(error).splitlines()[0]}") from error
-        return cls(model, config, device, ood)
+        # A loaded model only predicts: batch norms folded into the convolutions (model.py).
+        return cls(fold_batch_norms(model), config, device, ood)
 
     @property
     def classes(self) -> list[str]:

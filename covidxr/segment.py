@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DATA_DIR, data_hash, load_grayscale, normalise, prepare, read_manifest, split_by_patient
+from .model import fold_batch_norms
 
 SHIPPED_LUNGS = Path(__file__).parent / "weights" / "covidxr-lungs.safetensors"
 NORMALISATION = {"method": "minmax", "mean": 0.5, "std": 0.25}
@@ -90,7 +91,9 @@ def clean_mask(mask: np.ndarray) -> np.ndarray:
 class LungSegmenter:
     def __init__(self, model: nn.Module, config: dict, device: str | torch.device | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
+        # channels_last: oneDNN's fast layout for convolutions with few channels at full
+        # resolution, which is most of a U-Net's work (BENCHMARKS.md).
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.config = config
 
     @classmethod
@@ -98,13 +101,13 @@ class LungSegmenter:
         state, config = load_checkpoint(Path(path) if path else SHIPPED_LUNGS)
         model = LungUNet(tuple(config["widths"]))
         model.load_state_dict(state, strict=True)
-        return cls(model, config, device)
+        return cls(fold_batch_norms(model), config, device)
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Lung probability (N, S, S) for prepared uint8 images (N, 1, S, S)."""
         norm = self.config["normalisation"]
-        inputs = normalise(batch.to(self.device), norm["mean"], norm["std"])
+        inputs = normalise(batch.to(self.device), norm["mean"], norm["std"]).contiguous(memory_format=torch.channels_last)
         return torch.sigmoid(self.model(inputs).float())[:, 0].cpu()
 
     def segment(self, image) -> np.ndarray:

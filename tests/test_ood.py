@@ -84,10 +84,15 @@ def test_gray_rgb_has_no_colour_and_explanations_carry_warnings(predictor):
 
 
 def test_checkpoint_without_the_check_gives_no_warnings(tmp_path, predictor):
-    from covidxr.checkpoint import save_checkpoint
+    from covidxr.checkpoint import load_checkpoint, save_checkpoint
+    from covidxr.model import build_model
+    from covidxr.predictor import SHIPPED_CHECKPOINT
 
+    state, _ = load_checkpoint(SHIPPED_CHECKPOINT)
+    model = build_model(predictor.config["arch"], len(predictor.classes))
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ood.")})
     config = {k: v for k, v in predictor.config.items() if k not in ("format", "ood")}
-    path = save_checkpoint(tmp_path / "plain.safetensors", predictor.model, config)
+    path = save_checkpoint(tmp_path / "plain.safetensors", model, config)
     plain = Predictor.load(path)
     assert plain.ood is None
     assert plain.predict(dict(non_xray_images())["skimage:astronaut"]).warnings == []
@@ -97,3 +102,21 @@ def test_training_fits_the_check(tiny_run):
     predictor = Predictor.load(tiny_run / "model.safetensors")
     assert predictor.ood is not None and np.isfinite(predictor.ood.threshold)
     assert predictor.ood.min_side == 32  # half the run's 64-pixel input
+
+
+def test_refit_command_stores_the_check_in_a_loadable_checkpoint(tiny_run, tmp_path):
+    """`python -m covidxr ood --write` rewrites the checkpoint with the stored (unfolded) weights."""
+    import shutil
+
+    from covidxr.ood import main as ood_main
+
+    checkpoint = tmp_path / "model.safetensors"
+    shutil.copy(tiny_run / "model.safetensors", checkpoint)
+    before = Predictor.load(checkpoint).predict(np.full((80, 80), 128, np.uint8)).probabilities
+    result = ood_main(["--checkpoint", str(checkpoint), "--split-csv", str(tiny_run / "split.csv"),
+                       "--out", str(tmp_path), "--write"])
+    assert 0 <= result["false_alarm_rate"] <= 1 and (tmp_path / "ood.json").exists()
+    reloaded = Predictor.load(checkpoint)
+    assert reloaded.ood is not None and reloaded.config["ood"]["false_alarm_rate"] == result["false_alarm_rate"]
+    after = reloaded.predict(np.full((80, 80), 128, np.uint8)).probabilities
+    assert after == pytest.approx(before, abs=1e-3)  # fp16 storage, same weights
