@@ -33,7 +33,7 @@ class AppProcess:
     """`python app.py` in its own process on a free local port; a context manager."""
 
     def __init__(self, examples_dir: Path | None = None, log: Path | None = None, checkpoint: str | None = None,
-                 start_timeout: float = 180):
+                 start_timeout: float = 180, environment: dict[str, str] | None = None):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -48,7 +48,7 @@ class AppProcess:
         self._log_handle = open(self.log, "w")
         self.process = subprocess.Popen(
             command, cwd=REPO, stdout=self._log_handle, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(environment or {})})
         self._wait_until_up(start_timeout)
 
     def _wait_until_up(self, timeout: float) -> None:

@@ -19,6 +19,7 @@ import datetime
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -114,8 +115,14 @@ class LungSegmenter:
         """Boolean lung mask with the image's own height and width."""
         gray = load_grayscale(image)
         probability = self.probabilities(prepare(gray, self.config["input_size"])[None])[0].numpy()
+        # Clean at the network's resolution (25x fewer pixels than a 640-px image: the cleaning
+        # cost more than the network), then let the upsampled probabilities draw the smooth edge:
+        # only the pixels the cleaning changed (filled holes, dropped specks) are overwritten.
+        found = probability > 0.5
+        kept = clean_mask(found)
+        probability = np.where(kept & ~found, 0.75, np.where(found & ~kept, 0.25, probability)).astype(np.float32)
         resized = Image.fromarray(probability, mode="F").resize((gray.shape[1], gray.shape[0]), Image.Resampling.BILINEAR)
-        return clean_mask(np.asarray(resized) > 0.5)
+        return np.asarray(resized) > 0.5
 
 
 # -- evidence shares: where a heatmap's mass lies --------------------------------------------------
@@ -142,8 +149,12 @@ def evidence_shares(heatmap: np.ndarray, lung_mask: np.ndarray) -> dict[str, flo
 
 
 def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
-    """The boundary pixels of a mask, `width` pixels thick."""
-    return mask & ~ndimage.binary_erosion(mask, iterations=max(1, width))
+    """The boundary pixels of a mask, `width` pixels thick. (OpenCV's erosion: the same pixels
+    as scipy.ndimage.binary_erosion with a cross, about 15x faster on a 640-px mask.)"""
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    eroded = cv2.erode(mask.astype(np.uint8), cross, iterations=max(1, width),
+                       borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return mask & ~eroded.astype(bool)
 
 
 # -- training -------------------------------------------------------------------------------------

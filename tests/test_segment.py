@@ -28,6 +28,18 @@ def test_mask_shape_and_range_on_a_real_xray(segmenter, manifest_frame):
     assert columns.min() > 0.02 * width and columns.max() < 0.98 * width
 
 
+def test_outline_is_the_scipy_erosion_boundary(segmenter, manifest_frame):
+    from scipy import ndimage
+
+    from covidxr.segment import outline
+
+    mask = segmenter.segment(real_image(manifest_frame, "pneumonia", "kermany", 2))
+    for width in (1, 3):
+        expected = mask & ~ndimage.binary_erosion(mask, iterations=width)
+        np.testing.assert_array_equal(outline(mask, width), expected)
+    assert 0 < outline(mask, 3).sum() < mask.sum()
+
+
 def test_held_out_masks_are_matched(segmenter):
     """Dice on held-out patients of the shipped lung model's own split (no training images)."""
     split = pd.read_csv(SHIPPED_LUNGS.with_suffix(".split.csv"))
