@@ -120,7 +120,7 @@ def app_round_trip(paths: list[Path], repeats: int) -> dict:
     """Upload, predict, Grad-CAM and the overlay back, through the launched app."""
     from gradio_client import Client, handle_file
 
-    from .loadtest import AppProcess
+    from .loadtest import AppProcess, shared_ssl_context
 
     # Gradio's own profiler (GRADIO_PROFILING) times each request's phases inside the server.
     with AppProcess(environment={"GRADIO_PROFILING": "1"}) as app:
@@ -138,17 +138,6 @@ def app_round_trip(paths: list[Path], repeats: int) -> dict:
         result["server"] = _server_profile(app.url)
         result["peak_rss_mb"] = _peak_rss_mb(app.process.pid)
     return result
-
-
-def shared_ssl_context():
-    """One TLS context for every request a gradio_client makes. The client opens a new httpx
-    connection per request (upload, join, event stream, each download), and each one would
-    otherwise build its own context from the CA bundle: 70-80 ms here, five times a call
-    (the fix suggested in ogx-ai/ogx#4221; see gradio-app/gradio#7890). Certificates are
-    still verified."""
-    import ssl
-
-    return ssl.create_default_context()
 
 
 def _server_profile(url: str, clear: bool = False) -> dict:
@@ -249,9 +238,9 @@ def markdown(results: dict) -> str:
             value = models[arch]["cpu"].get(row)
             ratios.append(f"{value['median'] / head['cpu'][row]['median']:.1f}x" if value else "")
         lines.append(f"| {row} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    lines += [f"| parameters | " + " | ".join(f"{models[a]['parameters'] / 1e6:.2f} M" for a in models) + " | "
+    lines += ["| parameters | " + " | ".join(f"{models[a]['parameters'] / 1e6:.2f} M" for a in models) + " | "
               + " | ".join(f"{models[a]['parameters'] / head['parameters']:.1f}x" for a in list(models)[1:]) + " |",
-              f"| forward GFLOPs | " + " | ".join(f"{models[a]['gflops']:.2f}" for a in models) + " | "
+              "| forward GFLOPs | " + " | ".join(f"{models[a]['gflops']:.2f}" for a in models) + " | "
               + " | ".join(f"{models[a]['gflops'] / head['gflops']:.1f}x" for a in list(models)[1:]) + " |",
               f"| batch inference (images/s, batch {results['batch_size']}) | "
               + " | ".join(f"{models[a]['cpu']['batch_images_per_s']:.0f}" for a in models) + " | "

@@ -11,6 +11,7 @@ from PIL import Image
 from conftest import real_image
 from covidxr import Predictor
 from covidxr.examples import FETCH_COMMAND
+from covidxr.loadtest import shared_ssl_context
 from covidxr.serve import DISPLAY_SIDE, PREDICTED, XrayApp, model_facts
 
 CHROMIUM = "/usr/bin/chromium"
@@ -101,7 +102,7 @@ def test_without_examples_the_app_says_how_to_fetch_them(xray_app, tmp_path):
 
 
 def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
-    client = Client(served_app, verbose=False)
+    client = Client(served_app, verbose=False, ssl_verify=shared_ssl_context())
     example = next(p for p in sorted(examples_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     label, original, overlay, summary = client.predict(handle_file(str(example)), api_name="/predict")
     assert {c["label"] for c in label["confidences"]} == {"covid", "normal", "pneumonia"}

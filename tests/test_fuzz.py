@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import real_image
 from covidxr import Predictor
 from covidxr.data import ImageLoadError
+from covidxr.loadtest import shared_ssl_context
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -105,7 +106,7 @@ def test_predictor_gives_error_or_valid_result(malformed):
 
 
 def test_launched_app_survives_every_malformed_input(served_app, malformed, examples_dir):
-    client = Client(served_app, verbose=False)
+    client = Client(served_app, verbose=False, ssl_verify=shared_ssl_context())
     for path in malformed:
         try:
             label, *_ = client.predict(handle_file(str(path)), api_name="/predict")
