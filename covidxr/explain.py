@@ -11,13 +11,15 @@
 One forward pass gives both the prediction and the map: the CAM target object decides the
 label from the logits of that pass. The explainer works on its own copy of the network so the
 CAM hooks never fire (nor hold activations) during plain predictions, and each CAM object is
-built once and reused.
+built once and reused. The lung mask, the lung focus and the overlay are computed when first
+read, so a caller who wants only the map pays only for the map.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,18 +49,49 @@ METHODS = {
 
 @dataclass
 class Explanation:
+    """A class activation map with the prediction it explains.
+
+    The map costs one forward pass and a short backward; the lung mask (a U-Net), the shares of
+    evidence and the colour-mapped overlay cost more than that, so each is computed the first
+    time it is read, then kept: `explain(...).heatmap` alone stays cheap."""
+
     heatmap: np.ndarray
-    overlay: Image.Image
     target: str
     method: str
     prediction: "Prediction"
     image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1] (shrunk to max_side)
+    opacity: float = 0.4
+    segmenter: object | None = field(default=None, repr=False, compare=False)  # segment.LungSegmenter
+
+    @cached_property
+    def lung_mask(self) -> np.ndarray | None:
+        """Boolean (H, W) lung mask; None without a lung model."""
+        return None if self.segmenter is None else self.segmenter.segment(self.image)
+
+    @cached_property
+    def _shares(self) -> dict[str, float]:
+        from .segment import evidence_shares
+
+        return {} if self.lung_mask is None else evidence_shares(self.heatmap, self.lung_mask)
+
     # Where the evidence lies (None without a lung model): shares of the heatmap's mass on the
     # lungs, on the image border and on the top strip (segment.evidence_shares).
-    lung_mask: np.ndarray | None = None
-    lung_focus: float | None = None
-    border_share: float | None = None
-    top_share: float | None = None
+    @property
+    def lung_focus(self) -> float | None:
+        return self._shares.get("lung_focus")
+
+    @property
+    def border_share(self) -> float | None:
+        return self._shares.get("border_share")
+
+    @property
+    def top_share(self) -> float | None:
+        return self._shares.get("top_share")
+
+    @cached_property
+    def overlay(self) -> Image.Image:
+        """RGB: the X-ray in gray, the heatmap blended on at `opacity`, the lungs outlined in white."""
+        return overlay(self.image, self.heatmap, self.opacity, self.lung_mask)
 
 
 class _DecidingTarget:
@@ -127,24 +160,16 @@ class Explainer:
         self.hooks.clear()
         label = self.predictor.classes[int(self.predictor.decide(probabilities[None])[0])]
         shown = _shrink(gray, max_side)
-        heatmap = _resize(small, shown.shape)
-        lungs, shares = None, {}
-        if self.predictor.segmenter is not None:
-            from .segment import evidence_shares
-
-            lungs = self.predictor.segmenter.segment(shown)
-            shares = evidence_shares(heatmap, lungs)
         return Explanation(
-            heatmap=heatmap,
-            overlay=overlay(shown, heatmap, opacity, lungs),
+            heatmap=_resize(small, shown.shape),
             target=deciding.target,
             method=method,
             prediction=Prediction(label=label, probabilities={
                 c: float(p) for c, p in zip(self.predictor.classes, probabilities)},
                 warnings=self.predictor.warnings(self.features.features[0].cpu().numpy(), colour, gray.shape)),
             image=shown,
-            lung_mask=lungs,
-            **shares,
+            opacity=opacity,
+            segmenter=self.predictor.segmenter,
         )
 
 

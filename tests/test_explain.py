@@ -132,3 +132,16 @@ def test_every_architecture_can_be_explained(arch):
     explanation = predictor.explain(np.random.default_rng(0).random((80, 70)).astype(np.float32))
     assert explanation.heatmap.shape == (80, 70) and np.isfinite(explanation.heatmap).all()
     assert explanation.lung_focus is None
+
+
+def test_lung_mask_and_overlay_are_computed_when_first_read(predictor, covid_xray, monkeypatch):
+    from covidxr.segment import LungSegmenter
+
+    calls = []
+    segment = LungSegmenter.segment
+    monkeypatch.setattr(LungSegmenter, "segment", lambda self, image: calls.append(1) or segment(self, image))
+    explanation = predictor.explain(covid_xray)
+    assert explanation.heatmap.std() > 0.02 and calls == []  # the map alone: no U-Net
+    assert 0 <= explanation.lung_focus <= 1 and len(calls) == 1
+    assert explanation.overlay.mode == "RGB" and explanation.border_share is not None
+    assert len(calls) == 1  # computed once, then kept
