@@ -24,8 +24,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 from torch import nn  # noqa: E402
-from torchvision.transforms.v2 import functional as TF  # noqa: E402
 from torch.optim.swa_utils import get_ema_multi_avg_fn  # noqa: E402
+from torchvision.transforms.v2 import functional as TF  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__  # noqa: E402
@@ -188,9 +188,11 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
 def epoch_size(epoch: int, args: argparse.Namespace) -> int:
     """The image size epoch `epoch` trains at: --start-size until the last --full-size-epochs.
 
-    Most of what a CNN learns (edges, textures, the layout of a chest) shows at low
-    resolution, where a step costs a fraction; the full-size epochs at the end, at a low
-    learning rate, let the weights and the batch-norm statistics settle at the size served."""
+    The idea: much of what a CNN learns (edges, textures, the layout of a chest) shows at low
+    resolution, where a step costs a fraction, and the full-size epochs at the end let the
+    weights and batch-norm statistics settle at the size served. Here it cost quality (the
+    switch to full size is a shock the last epochs do not undo; MODEL_CARD.md), so the shipped
+    recipe does not use it."""
     if args.start_size and epoch <= args.epochs - args.full_size_epochs:
         return args.start_size
     return args.input_size
