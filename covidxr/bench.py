@@ -19,6 +19,7 @@ import platform
 import re
 import statistics
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +146,6 @@ def app_round_trip(paths: list[Path], repeats: int) -> dict:
 def _server_profile(url: str, clear: bool = False) -> dict:
     """Median milliseconds per phase of the requests Gradio's profiler saw (queue wait,
     preprocess, the handler, postprocess, total; uploads apart)."""
-    import json
-    import urllib.request
-
     if clear:
         urllib.request.urlopen(urllib.request.Request(url + "gradio_api/profiling/clear", method="POST"), timeout=10)
         return {}
