@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
@@ -193,6 +194,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")
     frame["path"] = [str((path.parent / name).resolve()) for name in frame["filename"]]
+    if "lung_mask" in frame.columns:  # hand-drawn lung masks, where the source has them
+        frame["lung_mask_path"] = [str((path.parent / name).resolve()) if name else "" for name in frame["lung_mask"]]
     for column in ("view", "age_group", "source_dataset", "sha256"):
         if column not in frame.columns:
             frame[column] = ""
@@ -316,6 +319,24 @@ def _patient_groups(frame: pd.DataFrame) -> pd.Series:
     return frame["patient_id"].map(group_of_patient)
 
 
+def assign_fold(frame: pd.DataFrame, folds: int, fold: int, seed: int) -> pd.DataFrame:
+    """Cross-validation inside the training pool: train and val rows are split by patient into
+    `folds` folds (stratified by class and source); fold `fold` becomes the run's `val` (its
+    out-of-fold predictions), the rest `train`. Test rows stay untouched."""
+    frame = frame.copy()
+    pool = frame.index[frame["split"].isin(["train", "val"])]
+    sub = frame.loc[pool]
+    strata = sub["target"] + "|" + sub["source_dataset"]
+    if strata.value_counts().min() < folds:
+        strata = sub["target"]
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + 2)
+    held = list(splitter.split(pool, strata, _patient_groups(sub)))[fold][1]
+    frame.loc[pool, "split"] = "train"
+    frame.loc[pool[held], "split"] = "val"
+    check_split(frame)
+    return frame
+
+
 def check_split(frame: pd.DataFrame) -> None:
     """Refuse any split where a patient or an image file is in two of train/val/test."""
     used = frame[frame["split"].isin(["train", "val", "test"])]
@@ -373,7 +394,9 @@ class HideShortcuts(torch.nn.Module):
         super().__init__()
         self.border_probability, self.top_probability, self.gamma = border_probability, top_probability, gamma
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, *others):
+        if others:  # a region travelling with the image (XrayTensors) is left as it is
+            return (self.forward(image), *others)
         image = image.clone()
         size = image.shape[-1]
         fill = int(torch.randint(0, 256, ()).item())
@@ -396,17 +419,26 @@ class HideShortcuts(torch.nn.Module):
 
 @dataclass
 class XrayTensors(torch.utils.data.Dataset):
-    """Prepared uint8 images with class indices; augmentation applied per sample."""
+    """Prepared uint8 images with class indices and, optionally, the region (N, 1, S, S) where
+    evidence may lie (framing.py); augmentation moves image and region together."""
 
     images: torch.Tensor
     targets: torch.Tensor
     augment: v2.Compose | None = None
+    regions: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.regions is None:
+            self.regions = torch.ones((len(self.images), 1, 1, 1), dtype=torch.uint8).expand_as(self.images)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int):
-        image = self.images[index]
+        image, region = self.images[index], tv_tensors.Mask(self.regions[index])
         if self.augment is not None:
-            image = self.augment(image)
-        return image, self.targets[index]
+            with warnings.catch_warnings():
+                # RandomErasing leaves masks alone, as wanted here (an erased patch is still lung).
+                warnings.filterwarnings("ignore", "RandomErasing", UserWarning)
+                image, region = self.augment(image, region)
+        return image, region.as_subclass(torch.Tensor), self.targets[index]

@@ -102,6 +102,19 @@ ARCHITECTURES = {
 }
 
 
+# arch name -> its linear head, which sits right after a global average pool of the Grad-CAM
+# layer. For these, class k's logit is the spatial mean of its map `w_k . A` plus a bias (Zhou et
+# al. 2016) and Grad-CAM of that layer is the same map, so a training loss on the map shapes the
+# explanation the app shows (training.py --cam-penalty).
+CAM_HEADS = {"cxrnet": "classifier", "resnet18": "fc"}
+
+
+def class_activation_maps(model: nn.Module, arch: str, activations: torch.Tensor) -> torch.Tensor:
+    """Every class's activation map (N, K, h, w) from the Grad-CAM layer's output (N, C, h, w)."""
+    head = model.get_submodule(CAM_HEADS[arch])
+    return torch.einsum("kc,nchw->nkhw", head.weight, activations)
+
+
 def build_model(arch: str, num_classes: int) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")

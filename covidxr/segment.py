@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import hashlib
 import json
 from pathlib import Path
 
@@ -96,13 +97,18 @@ class LungSegmenter:
         # resolution, which is most of a U-Net's work (BENCHMARKS.md).
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.config = config
+        self.fingerprint = None
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None) -> "LungSegmenter":
-        state, config = load_checkpoint(Path(path) if path else SHIPPED_LUNGS)
+        path = Path(path) if path else SHIPPED_LUNGS
+        state, config = load_checkpoint(path)
         model = LungUNet(tuple(config["widths"]))
         model.load_state_dict(state, strict=True)
-        return cls(fold_batch_norms(model), config, device)
+        segmenter = cls(fold_batch_norms(model), config, device)
+        # Which lung model framed a classifier's training images (framing.frame_all's cache key).
+        segmenter.fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return segmenter
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:

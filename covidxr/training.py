@@ -1,7 +1,13 @@
 """Training stage: from a manifest to a run folder holding a self-describing checkpoint.
 
-A run folder gets: model.safetensors, split.csv, args.json, history.csv, curves.png and the
-test evaluation (report.md, metrics.json, confusion_matrix.png, roc.png, predictions.csv).
+A run folder gets: model.safetensors, split.csv, args.json, history.csv, curves.png, last.pt
+(the last and best state after every epoch, for --resume) and the test evaluation (report.md,
+metrics.json, confusion_matrix.png, roc.png, predictions.csv); a cross-validation fold
+(--folds K --fold I) also writes oof.csv, its held-out fold's probabilities (calibration.py).
+
+The steps, top to bottom: `load_data` (select, split by patient, frame the lungs once),
+`build_setup` (network, optimiser, loaders), `fit` (the epochs, saved as they go), `finish`
+(decision rule, test evaluation, not-an-X-ray check, checkpoint).
 """
 
 from __future__ import annotations
@@ -10,9 +16,11 @@ import argparse
 import copy
 import datetime
 import json
+import logging
 import os
 import random
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -28,15 +36,18 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn  # noqa: E402
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from . import __version__  # noqa: E402
+from . import __version__, framing  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .data import (XrayTensors, data_hash, normalise, parse_filters, parse_label_map,  # noqa: E402
-                   prepare_all, read_manifest, select, split_by_patient, training_augmentation)
+from .data import (DATA_DIR, XrayTensors, assign_fold, data_hash, normalise, parse_filters,  # noqa: E402
+                   parse_label_map, read_manifest, select, split_by_patient, training_augmentation)
 from .evaluate import evaluate_predictions, write_gallery, write_report  # noqa: E402
-from .model import build_model, count_parameters, gradcam_layer_name  # noqa: E402
+from .model import (ARCHITECTURES, CAM_HEADS, build_model, class_activation_maps, count_parameters,  # noqa: E402
+                    gradcam_layer_name)
 from .ood import fit_for  # noqa: E402
 from .predictor import Predictor  # noqa: E402
+from .segment import SHIPPED_LUNGS, LungSegmenter  # noqa: E402
 
+log = logging.getLogger(__name__)
 
 
 def normalisation(equalize: bool) -> dict:
@@ -49,14 +60,16 @@ def normalisation(equalize: bool) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a covidxr classifier; writes a run folder.")
-    parser.add_argument("--manifest", default="../shared/data/cxr/manifest.csv",
-                        help="manifest CSV, or a folder with one sub-folder per class")
+    parser.add_argument("--data", default=None,
+                        help="data folder holding manifest.csv (default: $COVIDXR_DATA, else ../shared/data/cxr)")
+    parser.add_argument("--manifest", default=None,
+                        help="a manifest CSV, or a folder with one sub-folder per class (overrides --data)")
     parser.add_argument("--classes", nargs="+", default=["covid", "normal", "pneumonia"])
     parser.add_argument("--filter", action="append", default=[],
                         help="keep rows where COLUMN is one of VALUES: COLUMN=V1[,V2]; repeatable")
     parser.add_argument("--label-map", action="append", default=[],
                         help="SOURCE_LABEL=CLASS: also feed SOURCE_LABEL images to CLASS; repeatable")
-    parser.add_argument("--arch", default="cxrnet", choices=["cxrnet", "resnet18", "densenet121", "efficientnet_b0"])
+    parser.add_argument("--arch", default="cxrnet", choices=sorted(ARCHITECTURES))
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--start-size", type=int, default=None,
@@ -78,11 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--ema", type=float, default=0.0,
                         help="decay of an exponential moving average of the weights (0 = off)")
+    parser.add_argument("--framing", choices=["whole", "lung_crop"], default="whole",
+                        help="what the network reads: the whole image, or the lungs' box from the lung model "
+                             "(framing.py)")
+    parser.add_argument("--margin", type=float, default=framing.LUNG_CROP["margin"],
+                        help="lung_crop: margin around the lungs' box, as a fraction of its size")
+    parser.add_argument("--dilation", type=float, default=framing.LUNG_CROP["dilation"],
+                        help="lung_crop: dilation of the lung mask (fraction of the box) for --outside and "
+                             "--cam-penalty")
+    parser.add_argument("--outside", type=float, default=framing.LUNG_CROP["outside"],
+                        help="lung_crop: brightness kept outside the dilated lungs (1: not dimmed)")
+    parser.add_argument("--lungs", default=None, help="lung model checkpoint (default: the shipped one)")
+    parser.add_argument("--cam-penalty", type=float, default=0.0,
+                        help="weight of the loss on the share of the true class's activation map outside the "
+                             "dilated lungs (0: off)")
+    parser.add_argument("--keep", choices=["best", "last"], default="best",
+                        help="best: the epoch with the best validation AUROC (with early stopping); last: the "
+                             "weights at the end of the schedule (cross-validation folds)")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="cross-validation: split train+val by patient into this many folds ...")
+    parser.add_argument("--fold", type=int, default=0,
+                        help="... and hold out this one (0-based) as the run's validation data (oof.csv)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last finished epoch (last.pt)")
+    parser.add_argument("--no-gallery", action="store_true", help="skip the false-negative heatmap gallery")
     parser.add_argument("--operating-point", choices=["argmax", "youden"], default="argmax",
                         help="argmax: the most probable class; youden: a COVID threshold set on validation data")
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--test-fraction", type=float, default=0.15)
-    parser.add_argument("--max-per-class", type=int, help="use at most N patients' images per class (quick runs)")
+    parser.add_argument("--limit", type=int, help="use at most N patients' images per class (quick runs)")
     parser.add_argument("--init-from", default=None,
                         help="start from this checkpoint's weights (fine-tuning) instead of from scratch")
     parser.add_argument("--seed", type=int, default=0)
@@ -286,48 +323,134 @@ def train(args: argparse.Namespace) -> Path | None:
         dist.close()
 
 
+@dataclass
+class TrainingData:
+    """The selected, split and framed images of a run."""
+
+    frame: pd.DataFrame  # one row per image, with `split` (train / val / test / eval_only)
+    images: torch.Tensor  # (N, 1, S, S) uint8, as the model reads them
+    regions: torch.Tensor  # (N, 1, S, S) uint8: where evidence may lie (dilated lungs; all ones if unused)
+    targets: torch.Tensor  # class index, -1 for rows no class is trained on
+    index: dict[str, np.ndarray]  # split name -> row positions
+    label_map: dict[str, str]
+    norm: dict
+    recipe: dict  # framing recipe (framing.py)
+
+
+@dataclass
+class Setup:
+    """The network and everything that steps it."""
+
+    model: nn.Module
+    trained: nn.Module  # what the optimiser steps through (DDP wrapper when distributed)
+    evaluated: nn.Module  # what is scored and kept (the EMA copy when --ema)
+    ema: object | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    loaders: dict[int, torch.utils.data.DataLoader]  # image size -> loader
+    sampler: object | None
+    generator: torch.Generator
+    cam_layer: nn.Module | None  # hooked for the lung penalty (None when off)
+
+
 def _train(args: argparse.Namespace, dist: Distributed) -> Path | None:
-    if args.start_size and not 1 <= args.full_size_epochs:
-        raise ValueError("--full-size-epochs must be at least 1: the best model is chosen among full-size epochs")
+    check_args(args)
     generator = seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = dist.device
     out_dir = Path(dist.broadcast(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.arch}"))
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(vars(args) | {"processes": dist.world}, indent=2))
+        write_args(args, out_dir, dist.world)
+    data = load_data(args, dist, out_dir)
+    setup = build_setup(args, data, dist, generator)
+    history, best_state, best_epoch = fit(args, data, setup, dist, out_dir)
+    if not dist.main:
+        return None
+    return finish(args, data, setup, history, best_state, best_epoch, out_dir)
 
-    # Data: select, split by patient, decode once.
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.start_size and not 1 <= args.full_size_epochs:
+        raise ValueError("--full-size-epochs must be at least 1: the best model is chosen among full-size epochs")
+    if args.folds and not 0 <= args.fold < args.folds:
+        raise ValueError(f"--fold must be in 0..{args.folds - 1}")
+    if args.cam_penalty and args.arch not in CAM_HEADS:
+        raise ValueError(f"--cam-penalty needs a global-average-pool + linear head: {sorted(CAM_HEADS)}")
+
+
+def write_args(args: argparse.Namespace, out_dir: Path, world: int) -> None:
+    """args.json; a resumed run must be the same run."""
+    described = {k: v for k, v in vars(args).items() if k != "resume"} | {"processes": world}
+    path = out_dir / "args.json"
+    if args.resume and path.exists():
+        before = {k: v for k, v in json.loads(path.read_text()).items() if k != "resume"}
+        changed = sorted(k for k in described.keys() | before.keys() if described.get(k) != before.get(k))
+        if changed:
+            raise ValueError(f"--resume: {path} was written with other options ({', '.join(changed)})")
+    path.write_text(json.dumps(described, indent=2))
+
+
+def framing_recipe(args: argparse.Namespace) -> dict:
+    if args.framing == "whole":
+        return dict(framing.WHOLE_IMAGE)
+    return framing.LUNG_CROP | {"margin": args.margin, "dilation": args.dilation, "outside": args.outside,
+                                "lungs": Path(args.lungs or SHIPPED_LUNGS).name}
+
+
+def load_data(args: argparse.Namespace, dist: Distributed, out_dir: Path) -> TrainingData:
+    """Select, split by patient (and into folds), frame every image once."""
     label_map = parse_label_map(args.label_map, args.classes)
-    frame = select(read_manifest(args.manifest), parse_filters(args.filter), label_map)
-    if args.max_per_class:
-        frame = limit_patients(frame, args.max_per_class, args.seed)
+    frame = select(read_manifest(manifest_path(args)), parse_filters(args.filter), label_map)
+    if args.limit:
+        frame = limit_patients(frame, args.limit, args.seed)
     frame = split_by_patient(frame, args.seed, args.val_fraction, args.test_fraction)
-    norm = normalisation(args.equalize)
+    if args.folds:
+        frame = assign_fold(frame, args.folds, args.fold, args.seed)
+    recipe = framing_recipe(args)
+    segmenter = LungSegmenter.load(args.lungs, "cpu") if framing.uses_lungs(recipe) else None
+
+    def frame_images():
+        return framing.frame_all(list(frame["path"]), recipe, args.input_size, args.equalize, segmenter,
+                                 args.cache_dir)
+
     if dist.main:
-        frame.drop(columns=["path"]).to_csv(out_dir / "split.csv", index=False)
-        images = prepare_all(list(frame["path"]), args.input_size, args.equalize, args.cache_dir)
+        frame.drop(columns=["path", "lung_mask_path"], errors="ignore").to_csv(out_dir / "split.csv", index=False)
+        images, regions = frame_images()
     dist.barrier()  # rank 0 filled the cache; the others read it instead of racing to write it
     if not dist.main:
-        images = prepare_all(list(frame["path"]), args.input_size, args.equalize, args.cache_dir)
+        images, regions = frame_images()
     targets = torch.tensor([args.classes.index(t) if t else -1 for t in frame["target"]])
     index = {name: np.flatnonzero(frame["split"].to_numpy() == name) for name in ("train", "val", "test")}
     counts = frame[frame["split"] != "eval_only"].groupby(["split", "target"]).size()
     if dist.main:
-        print("images per split and class:\n" + counts.unstack(fill_value=0).to_string())
+        log.info("images per split and class:\n%s", counts.unstack(fill_value=0).to_string())
         if dist.active:
-            print(f"distributed: {dist.world} processes ({torch.distributed.get_backend()}), "
-                  f"{args.batch_size // dist.world} images per process per step")
+            log.info("distributed: %d processes (%s), %d images per process per step", dist.world,
+                     torch.distributed.get_backend(), args.batch_size // dist.world)
+    return TrainingData(frame, images, regions, targets, index, label_map, normalisation(args.equalize), recipe)
 
-    # Model and optimisation.
+
+def manifest_path(args: argparse.Namespace) -> Path:
+    """--manifest, else manifest.csv in --data, else in $COVIDXR_DATA, else in the shared folder."""
+    if args.manifest:
+        return Path(args.manifest)
+    return Path(args.data or os.environ.get("COVIDXR_DATA") or DATA_DIR) / "manifest.csv"
+
+
+def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
+                generator: torch.Generator) -> Setup:
+    device = dist.device
     model = build_model(args.arch, len(args.classes))
     if args.init_from:
         state, _ = load_checkpoint(args.init_from)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ood.")})
     model = model.to(device).to(memory_format=torch.channels_last)
     augment = None if args.no_augment else training_augmentation(hide_shortcuts=args.hide_shortcuts)
-    train_set = XrayTensors(images[index["train"]], targets[index["train"]], augment)
+    train = data.index["train"]
+    train_set = XrayTensors(data.images[train], data.targets[train], augment, data.regions[train])
     sampler = (torch.utils.data.DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed,
                                                    drop_last=True) if dist.active else None)
     batch_size = max(1, args.batch_size // dist.world)
@@ -338,14 +461,13 @@ def _train(args: argparse.Namespace, dist: Distributed) -> Path | None:
                                            num_workers=args.workers, persistent_workers=args.workers > 0,
                                            worker_init_fn=_seed_worker)
 
-    loader = make_loader(train_set)
+    loaders = {args.input_size: make_loader(train_set)}
     # Progressive resizing: one loader per size, images downscaled once (augmentation then
     # runs on the small images too).
-    loaders = {args.input_size: loader}
     if args.start_size and args.start_size != args.input_size:
         loaders[args.start_size] = make_loader(XrayTensors(resized(train_set.images, args.start_size),
-                                                           train_set.targets, augment))
-    trained = dist.wrap(model)  # what the optimiser steps through: DDP averages the gradients
+                                                           train_set.targets, augment,
+                                                           resized(train_set.regions, args.start_size)))
     criterion = nn.CrossEntropyLoss(weight=class_weights(train_set.targets, len(args.classes)).to(device),
                                     label_smoothing=args.label_smoothing)
     if args.optimizer == "sgd":
@@ -356,88 +478,219 @@ def _train(args: argparse.Namespace, dist: Distributed) -> Path | None:
     # Optional average of recent weights; it did not beat the plain weights here (MODEL_CARD.md).
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
            if args.ema else None)
-    evaluated = ema.module if ema else model
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
-                                                    steps_per_epoch=max(1, len(loader)), pct_start=0.15)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
-    val_targets = targets[index["val"]].numpy()
+                                                    steps_per_epoch=max(1, len(loaders[args.input_size])),
+                                                    pct_start=0.15)
+    cam_layer = model.get_submodule(gradcam_layer_name(args.arch)) if args.cam_penalty else None
+    return Setup(model, dist.wrap(model), ema.module if ema else model, ema, optimizer, scheduler,
+                 torch.amp.GradScaler(enabled=device.type == "cuda"), criterion, loaders, sampler, generator,
+                 cam_layer)
 
-    history, best, best_state, best_epoch, stale = [], (-np.inf, np.inf), None, 0, 0
-    epochs = tqdm(range(1, args.epochs + 1), desc=f"training {args.arch}", unit="epoch", disable=not dist.main)
+
+# -- the epochs, saved as they go ------------------------------------------------------------------
+
+def fit(args: argparse.Namespace, data: TrainingData, setup: Setup, dist: Distributed,
+        out_dir: Path) -> tuple[list[dict], dict, int]:
+    """Run the epochs; after each one the last and the best state go to `last.pt`, so `--resume`
+    loses at most the epoch in progress. Returns (history, the state to keep, its epoch)."""
+    progress = {"history": [], "best": (-np.inf, np.inf), "best_state": None, "best_epoch": 0, "stale": 0,
+                "epoch": 0}
+    state_file = out_dir / "last.pt"
+    if args.resume and state_file.exists():
+        progress = resume(state_file, setup, dist.device)
+        log.info("resumed from %s after epoch %d", state_file, progress["epoch"])
+    val_targets = data.targets[data.index["val"]].numpy()
+    epochs = tqdm(range(progress["epoch"] + 1, args.epochs + 1), desc=f"training {args.arch}", unit="epoch",
+                  disable=not dist.main, initial=progress["epoch"], total=args.epochs)
     for epoch in epochs:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        if setup.sampler is not None:
+            setup.sampler.set_epoch(epoch)
         size = epoch_size(epoch, args)
-        train_loss, train_accuracy = train_one_epoch(trained, loaders[size], criterion, optimizer, scheduler, scaler,
-                                                     ema, norm, device, f"epoch {epoch} ({size} px)", dist.main)
-        val_probabilities = predict_probabilities(evaluated, resized(images[index["val"]], size), norm, device)
-        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probabilities).clamp_min(1e-7)),
-                                                torch.from_numpy(val_targets)))
+        train_loss, train_accuracy, penalty = train_one_epoch(setup, data.norm, dist.device, args,
+                                                              f"epoch {epoch} ({size} px)", size, dist.main)
         record = {"epoch": epoch, "size": size, "train_loss": train_loss, "train_accuracy": train_accuracy,
-                  "val_loss": val_loss, "val_accuracy": float((val_probabilities.argmax(1) == val_targets).mean()),
-                  "val_macro_auroc": macro_auroc(val_targets, val_probabilities)}
-        history.append(record)
-        epochs.set_postfix(loss=f"{record['train_loss']:.3f}", val_loss=f"{val_loss:.3f}",
+                  "train_outside_share": penalty} | validate(setup.evaluated, data, val_targets, size, dist.device)
+        progress["history"].append(record)
+        progress["epoch"] = epoch
+        epochs.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{record['val_loss']:.3f}",
                            val_auc=f"{record['val_macro_auroc']:.3f}")
-        if size != args.input_size:
-            continue  # only a model trained at the size it will serve can be the best one
-        # Best = highest validation macro AUROC, ties broken by lower validation loss.
-        score = (np.nan_to_num(record["val_macro_auroc"], nan=0.0), val_loss)
-        if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
-            best, best_state, best_epoch, stale = score, copy.deepcopy(evaluated.state_dict()), epoch, 0
-        else:
-            stale += 1
-            if stale >= args.patience:
-                if dist.main:
-                    tqdm.write(f"early stop at epoch {epoch}: no validation gain for {args.patience} epochs")
-                break
-    if not dist.main:
-        return None
+        stop = size == args.input_size and keep_if_best(progress, record, setup.evaluated, args)
+        if dist.main:
+            save_progress(state_file, progress, setup)
+        if stop:
+            log.info("early stop at epoch %d: no validation gain for %d epochs", epoch, args.patience)
+            break
+    if args.keep == "last" or progress["best_state"] is None:
+        return progress["history"], copy.deepcopy(setup.evaluated.state_dict()), progress["epoch"]
+    return progress["history"], progress["best_state"], progress["best_epoch"]
+
+
+def validate(model: nn.Module, data: TrainingData, val_targets: np.ndarray, size: int,
+             device: torch.device) -> dict:
+    if not len(val_targets):
+        return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_macro_auroc": float("nan")}
+    probabilities = predict_probabilities(model, resized(data.images[data.index["val"]], size), data.norm, device)
+    loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probabilities).clamp_min(1e-7)),
+                                        torch.from_numpy(val_targets)))
+    return {"val_loss": loss, "val_accuracy": float((probabilities.argmax(1) == val_targets).mean()),
+            "val_macro_auroc": macro_auroc(val_targets, probabilities)}
+
+
+def keep_if_best(progress: dict, record: dict, model: nn.Module, args: argparse.Namespace) -> bool:
+    """Best = highest validation macro AUROC, ties broken by lower validation loss. Returns
+    True when it is time to stop early (never with --keep last: the schedule runs out)."""
+    score = (np.nan_to_num(record["val_macro_auroc"], nan=0.0), np.nan_to_num(record["val_loss"], nan=np.inf))
+    best = progress["best"]
+    if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
+        progress.update(best=score, best_state=copy.deepcopy(model.state_dict()), best_epoch=record["epoch"],
+                        stale=0)
+        return False
+    progress["stale"] += 1
+    return args.keep == "best" and progress["stale"] >= args.patience
+
+
+def save_progress(path: Path, progress: dict, setup: Setup) -> None:
+    """Everything `--resume` needs, written whole or not at all (a crash mid-write keeps the last one).
+    Plain tensors, numbers and lists only: read back with torch.load(weights_only=True)."""
+    state = {"progress": {k: v for k, v in progress.items() if k != "best_state"} | {"best": list(progress["best"])},
+             "best_state": progress["best_state"],
+             "model": setup.model.state_dict(),
+             "ema": setup.ema.state_dict() if setup.ema else None,
+             "optimizer": setup.optimizer.state_dict(),
+             "scheduler": setup.scheduler.state_dict(),
+             "scaler": setup.scaler.state_dict(),
+             "rng": torch.get_rng_state(),
+             "generator": setup.generator.get_state()}
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def resume(path: Path, setup: Setup, device: torch.device) -> dict:
+    state = torch.load(path, map_location=device, weights_only=True)
+    setup.model.load_state_dict(state["model"])
+    if setup.ema and state["ema"] is not None:
+        setup.ema.load_state_dict(state["ema"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    setup.scheduler.load_state_dict(state["scheduler"])
+    setup.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"].cpu())
+    setup.generator.set_state(state["generator"].cpu())
+    progress = state["progress"] | {"best_state": state["best_state"]}
+    progress["best"] = tuple(progress["best"])
+    return progress
+
+
+def outside_share(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Per image, the share of a class activation map's positive mass that lies outside the
+    allowed region (the dilated lungs): cams (N, h, w), regions (N, 1, S, S) 0/1."""
+    inside = nn.functional.adaptive_avg_pool2d(regions.float(), cams.shape[-2:])[:, 0]  # lung share of each cell
+    positive = torch.relu(cams)
+    return (positive * (1 - inside)).sum((1, 2)) / (positive.sum((1, 2)) + 1e-6)
+
+
+def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argparse.Namespace, description: str,
+                    size: int, progress: bool = True) -> tuple[float, float, float]:
+    """One pass over the (augmented) training set; returns mean loss, accuracy and the share of
+    the true class's activation mass outside the lungs."""
+    setup.trained.train()
+    activations = {}
+    hook = (setup.cam_layer.register_forward_hook(lambda module, inputs, output: activations.update(map=output))
+            if setup.cam_layer is not None else None)
+    total_loss, correct, seen, outside_total = 0.0, 0, 0, 0.0
+    try:
+        for batch, regions, batch_targets in tqdm(setup.loaders[size], desc=description, leave=False, unit="batch",
+                                                  disable=not progress):
+            batch = normalise(batch.to(device), norm["mean"], norm["std"])
+            batch_targets = batch_targets.to(device)
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                logits = setup.trained(batch.contiguous(memory_format=torch.channels_last))
+                loss = setup.criterion(logits.float(), batch_targets)
+                if hook is not None:
+                    # The true class's CAM, w_c . A: differentiable, and the map the app shows.
+                    cams = class_activation_maps(setup.model, args.arch, activations.pop("map").float())
+                    shares = outside_share(cams[torch.arange(len(batch_targets)), batch_targets], regions.to(device))
+                    loss = loss + args.cam_penalty * shares.mean()
+                    outside_total += shares.detach().sum().item()
+            setup.optimizer.zero_grad(set_to_none=True)
+            setup.scaler.scale(loss).backward()
+            setup.scaler.step(setup.optimizer)
+            setup.scaler.update()
+            setup.scheduler.step()
+            if setup.ema:
+                setup.ema.update_parameters(setup.model)
+            total_loss += loss.item() * len(batch_targets)
+            correct += (logits.argmax(1) == batch_targets).sum().item()
+            seen += len(batch_targets)
+    finally:
+        if hook is not None:
+            hook.remove()
+    seen = max(seen, 1)
+    return total_loss / seen, correct / seen, (outside_total / seen if hook is not None else float("nan"))
+
+
+# -- after training: the checkpoint and its test evaluation -------------------------------------------
+
+def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: list[dict], kept_state: dict,
+           kept_epoch: int, out_dir: Path) -> Path:
     history = pd.DataFrame(history)
     history.to_csv(out_dir / "history.csv", index=False)
     plot_history(history, out_dir / "curves.png")
-    model.load_state_dict(best_state)
-
-    # Decision rule from validation, then the test evaluation of the chosen model.
-    val_probabilities = predict_probabilities(model, images[index["val"]], norm, device)
+    model, device, frame, index = setup.evaluated, setup.trained.parameters().__next__().device, data.frame, data.index
+    model.load_state_dict(kept_state)
+    val_targets = data.targets[index["val"]].numpy()
+    val_probabilities = predict_probabilities(model, data.images[index["val"]], data.norm, device)
     config = {
         "arch": args.arch,
         "classes": list(args.classes),
-        "label_map": label_map,
+        "label_map": data.label_map,
         "input_size": args.input_size,
-        "normalisation": norm,
+        "normalisation": data.norm,
+        "framing": data.recipe,
         "gradcam_layer": gradcam_layer_name(args.arch),
         "decision": choose_operating_point(val_targets, val_probabilities, args.classes, args.operating_point),
         "parameters": count_parameters(model),
         "data": {
-            "manifest": str(args.manifest),
+            "manifest": manifest_path(args).name,
             "filters": args.filter,
             "train_data_sha256": data_hash(frame.iloc[index["train"]]),
             "images": {name: int(len(ix)) for name, ix in index.items()},
             "split_seed": args.seed,
+            "fold": f"{args.fold} of {args.folds}" if args.folds else None,
         },
-        "training": {key: value for key, value in vars(args).items() if key not in ("manifest", "out")}
-        | {"best_epoch": best_epoch, "epochs_run": int(len(history)), "device": device.type},
+        "training": {key: value for key, value in vars(args).items()
+                     if key not in ("manifest", "data", "out", "cache_dir", "resume", "lungs", "init_from")}
+        | {"kept_epoch": kept_epoch, "epochs_run": int(len(history)), "device": device.type},
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     predictor = Predictor(model, config, device)
-    unseen = frame[frame["split"].isin(["test", "eval_only"])].reset_index(drop=True)
-    unseen_index = np.flatnonzero(frame["split"].isin(["test", "eval_only"]).to_numpy())
-    probabilities = predictor.probabilities(images[unseen_index])
+    if args.folds:  # the held-out fold's probabilities: one piece of the out-of-fold set (calibration.py)
+        write_out_of_fold(frame.iloc[index["val"]], val_probabilities, args.classes, out_dir / "oof.csv")
+    unseen_mask = frame["split"].isin(["test", "eval_only"]).to_numpy()
+    unseen = frame[unseen_mask].reset_index(drop=True)
+    probabilities = predictor.probabilities(data.images[np.flatnonzero(unseen_mask)])
     report = evaluate_predictions(unseen, probabilities, predictor.decide(probabilities), args.classes)
-    train_probabilities = predictor.probabilities(images[index["train"]])
-    report["train_accuracy"] = float((predictor.decide(train_probabilities) == targets[index["train"]].numpy()).mean())
+    train_probabilities = predictor.probabilities(data.images[index["train"]])
+    report["train_accuracy"] = float((predictor.decide(train_probabilities)
+                                      == data.targets[index["train"]].numpy()).mean())
     write_report(report, unseen, probabilities, out_dir)
-    write_gallery(predictor, unseen, report, out_dir)
+    if not args.no_gallery:
+        write_gallery(predictor, unseen, report, out_dir)
     config["metrics"] = summarise(report)
     # The not-a-chest-X-ray check: fitted on the training images, threshold from validation.
-    predictor.ood = fit_for(predictor, images, targets.numpy(), frame["split"].to_numpy())
+    predictor.ood = fit_for(predictor, data.images, data.targets.numpy(), frame["split"].to_numpy())
     config["ood"] = predictor.ood.describe()
     save_checkpoint(out_dir / "model.safetensors", model, config, extra_tensors=predictor.ood.tensors())
-    print(f"test: {json.dumps(config['metrics'])}")
-    print(f"run folder: {out_dir}")
+    log.info("test: %s", json.dumps(config["metrics"]))
     return out_dir
+
+
+def write_out_of_fold(rows: pd.DataFrame, probabilities: np.ndarray, classes: list[str], path: Path) -> None:
+    table = rows.drop(columns=["path", "lung_mask_path"], errors="ignore").reset_index(drop=True)
+    for k, name in enumerate(classes):
+        table[f"p_{name}"] = probabilities[:, k]
+    table.to_csv(path, index=False)
 
 
 def summarise(report: dict) -> dict:
@@ -455,4 +708,8 @@ def summarise(report: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    return train(build_parser().parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = train(build_parser().parse_args(argv))
+    if out is not None:
+        print(f"run folder: {out}")
+    return out
