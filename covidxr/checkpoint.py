@@ -46,6 +46,21 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict,
     return path
 
 
+def update_config(path: str | Path, changes: dict) -> None:
+    """Rewrite a checkpoint's description with `changes` merged in; the tensors are kept
+    byte for byte (same names, dtypes and values)."""
+    with _open(path) as handle:
+        config = _parse_config(path, handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    config.update(changes)
+    missing = _missing(config)
+    if missing:
+        raise CheckpointError(f"checkpoint config lacks {missing}")
+    partial = Path(path).with_suffix(".partial")
+    save_file(tensors, str(partial), metadata={"covidxr": json.dumps(config)})
+    partial.replace(path)
+
+
 def read_config(path: str | Path) -> dict:
     """Only the description, without loading the weights."""
     with _open(path) as handle:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -30,10 +31,11 @@ from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Laye
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
+from . import framing
 from .data import load_image
 from .ood import FeatureHook
 
-if TYPE_CHECKING:  # predictor.py imports this module lazily; no import cycle at run time
+if TYPE_CHECKING:  # type names only: explain.py imports nothing from predictor.py
     from .predictor import Prediction
 
 METHODS = {
@@ -62,10 +64,17 @@ class Explanation:
     image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1] (shrunk to max_side)
     opacity: float = 0.4
     segmenter: object | None = field(default=None, repr=False, compare=False)  # segment.LungSegmenter
+    framing: framing.Framing | None = field(default=None, repr=False, compare=False)  # where the model looked
 
     @cached_property
     def lung_mask(self) -> np.ndarray | None:
-        """Boolean (H, W) lung mask; None without a lung model."""
+        """Boolean (H, W) lung mask; None without a lung model. A lung-reading model already
+        segmented the image to frame it: that mask is reused."""
+        if self.framing is not None and self.framing.lung_mask is not None:
+            mask = self.framing.lung_mask
+            if mask.shape != self.image.shape:
+                mask = cv2.resize(mask.astype(np.uint8), self.image.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+            return mask
         return None if self.segmenter is None else self.segmenter.segment(self.image)
 
     @cached_property
@@ -140,36 +149,42 @@ class Explainer:
         """`max_side`: shrink what is returned (image, heatmap, lung mask, overlay) to at most
         this many pixels a side. The prediction always comes from the full-size image; a 2,000-px
         X-ray shown in a 500-px box costs its colour mapping, encoding and transfer for nothing."""
-        from .predictor import Prediction
-
         if target is not None and target not in self.predictor.classes:
             raise ValueError(f"unknown class {target!r}; choose from {self.predictor.classes}")
         cam = self.cam(method)
         gray, colour = load_image(image)
-        inputs = self.predictor.model_input(self.predictor.prepare(gray)[None])
+        tensor, framed = self.predictor.view(gray)
+        inputs = self.predictor.model_input(tensor[None])
         deciding = _DecidingTarget(self.predictor, target)
-        if target is None and not cam.uses_gradients:
-            # Gradient-free methods call the target only on perturbed inputs: decide first.
+        features = None
+        if not cam.uses_gradients:
+            # Gradient-free methods (Score-CAM) run many forward passes on masked copies of the
+            # input: the prediction and the not-an-X-ray features come from a clean pass first.
             with torch.inference_mode():
-                deciding(self.model(inputs)[0])
+                logits = self.model(inputs)[0]
+                features = self.features.features[0].cpu().numpy()
+                if target is None:
+                    deciding(logits)
         with torch.enable_grad():
             small = cam(input_tensor=inputs, targets=[deciding])[0]
-        # The prediction comes from the same forward pass that produced the map.
-        probabilities = torch.softmax(cam.outputs[0].detach().float(), dim=-1).cpu().numpy()
+        if features is None:  # gradient methods: the one pass that made the map
+            features = self.features.features[0].cpu().numpy()
+        # The prediction comes from the same (clean) forward pass that produced the map.
+        logits = cam.outputs[0].detach().float() / self.predictor.temperature
+        probabilities = torch.softmax(logits, dim=-1).cpu().numpy()
         cam.outputs = None
         self.hooks.clear()
-        label = self.predictor.classes[int(self.predictor.decide(probabilities[None])[0])]
         shown = _shrink(gray, max_side)
         return Explanation(
-            heatmap=_resize(small, shown.shape),
+            # The map covers what the network read (the lungs' box): put it back on the image.
+            heatmap=framing.to_image_frame(small, framed, shown.shape),
             target=deciding.target,
             method=method,
-            prediction=Prediction(label=label, probabilities={
-                c: float(p) for c, p in zip(self.predictor.classes, probabilities)},
-                warnings=self.predictor.warnings(self.features.features[0].cpu().numpy(), colour, gray.shape)),
+            prediction=self.predictor.prediction(probabilities, features, colour, gray.shape, framed),
             image=shown,
             opacity=opacity,
             segmenter=self.predictor.segmenter,
+            framing=framed,
         )
 
 
@@ -188,12 +203,6 @@ def _shrink(gray: np.ndarray, max_side: int | None) -> np.ndarray:
     scale = max_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(gray, mode="F").resize(size, Image.Resampling.BOX), dtype=np.float32)
-
-
-def _resize(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    resized = Image.fromarray(heatmap.astype(np.float32), mode="F").resize(
-        (shape[1], shape[0]), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
 def overlay(gray: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4,

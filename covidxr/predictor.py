@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import framing
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import load_image, normalise, prepare
+from .data import load_image, normalise
 from .model import build_model, fold_batch_norms
 from .ood import FeatureHook, OutOfDistribution
 
@@ -81,9 +82,30 @@ class Predictor:
     def classes(self) -> list[str]:
         return list(self.config["classes"])
 
+    @property
+    def framing_recipe(self) -> dict | None:
+        """What part of the image the network reads (framing.py); None: the whole image."""
+        return self.config.get("framing")
+
+    @property
+    def temperature(self) -> float:
+        """Logits are divided by this before the softmax (calibration.py); 1 when uncalibrated."""
+        return float(self.config.get("calibration", {}).get("temperature", 1.0))
+
+    def view(self, image) -> tuple[torch.Tensor, framing.Framing]:
+        """(the network's input (1, S, S) uint8, where it was cut from) for a path, PIL image or
+        array: the lungs' box when the checkpoint reads the lungs, else the whole image."""
+        recipe = self.framing_recipe
+        segmenter = self.segmenter if framing.uses_lungs(recipe) else None
+        if framing.uses_lungs(recipe) and segmenter is None:
+            raise CheckpointError("this checkpoint reads the lungs only, and no lung model was found "
+                                  f"({recipe.get('lungs')})")
+        return framing.frame(image, recipe, self.config["input_size"],
+                             self.config["normalisation"]["method"] == "equalize", segmenter)
+
     def prepare(self, image) -> torch.Tensor:
         """(1, S, S) uint8 tensor for a path, PIL image or numpy array."""
-        return prepare(image, self.config["input_size"], self.config["normalisation"]["method"] == "equalize")
+        return self.view(image)[0]
 
     def model_input(self, batch: torch.Tensor) -> torch.Tensor:
         """Prepared uint8 images (N, 1, S, S) as the normalised float tensor the network takes."""
@@ -105,7 +127,7 @@ class Predictor:
             for start in range(0, len(batch), chunk):
                 with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
                     logits = self.model(self.model_input(batch[start:start + chunk]))
-                probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
+                probabilities.append(torch.softmax(logits.float() / self.temperature, dim=1).cpu())
                 features.append(hook.features.cpu())
         finally:
             hook.remove()
@@ -113,12 +135,23 @@ class Predictor:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         return torch.cat(probabilities).numpy(), torch.cat(features).numpy()
 
-    def warnings(self, features: np.ndarray, colourfulness: float, shape: tuple[int, int]) -> list[str]:
-        """Short messages when the input does not look like a chest X-ray (empty when it does)."""
+    def warnings(self, features: np.ndarray, colourfulness: float, shape: tuple[int, int],
+                 framed: framing.Framing | None = None) -> list[str]:
+        """Short messages when the input does not look like a chest X-ray, or when no lungs were
+        found to read (empty when all is well)."""
+        found = framed.warnings if framed is not None else []
         if self.ood is None:
-            return []
+            return found
         distance = float(self.ood.distance(np.asarray(features).reshape(1, -1))[0])
-        return self.ood.warnings(distance, colourfulness, shape)
+        return self.ood.warnings(distance, colourfulness, shape) + found
+
+    def prediction(self, probabilities: np.ndarray, features: np.ndarray, colourfulness: float,
+                   shape: tuple[int, int], framed: framing.Framing | None = None) -> Prediction:
+        """The `Prediction` for one image's probabilities (C,) and penultimate features."""
+        index = int(self.decide(np.asarray(probabilities)[None])[0])
+        return Prediction(label=self.classes[index],
+                          probabilities={c: float(p) for c, p in zip(self.classes, probabilities)},
+                          warnings=self.warnings(features, colourfulness, shape, framed))
 
     def ood_scores(self, image) -> tuple[float, float, tuple[int, int]]:
         """(feature distance, colourfulness, (height, width)): what the warnings test."""
@@ -129,17 +162,11 @@ class Predictor:
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         return decide(probabilities, self.classes, self.config.get("decision"))
 
-    def _predictions(self, probabilities: np.ndarray, features: np.ndarray,
-                     loaded: list[tuple[np.ndarray, float]]) -> list[Prediction]:
-        labels = self.decide(probabilities)
-        return [Prediction(label=self.classes[index],
-                           probabilities={c: float(p) for c, p in zip(self.classes, row)},
-                           warnings=self.warnings(feature, colour, gray.shape))
-                for index, row, feature, (gray, colour) in zip(labels, probabilities, features, loaded)]
-
     def predict(self, image) -> Prediction:
-        loaded = load_image(image)
-        return self._predictions(*self.probabilities_and_features(self.prepare(loaded[0])[None]), [loaded])[0]
+        gray, colour = load_image(image)
+        tensor, framed = self.view(gray)
+        probabilities, features = self.probabilities_and_features(tensor[None])
+        return self.prediction(probabilities[0], features[0], colour, gray.shape, framed)
 
     @property
     def segmenter(self):
@@ -173,6 +200,8 @@ class Predictor:
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
             loaded = [load_image(image) for image in images[start:start + batch_size]]
-            batch = torch.stack([self.prepare(gray) for gray, _ in loaded])
-            results += self._predictions(*self.probabilities_and_features(batch), loaded)
+            views = [self.view(gray) for gray, _ in loaded]
+            probabilities, features = self.probabilities_and_features(torch.stack([tensor for tensor, _ in views]))
+            results += [self.prediction(p, f, colour, gray.shape, framed)
+                        for p, f, (gray, colour), (_, framed) in zip(probabilities, features, loaded, views)]
         return results

@@ -666,7 +666,8 @@ def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: 
     }
     predictor = Predictor(model, config, device)
     if args.folds:  # the held-out fold's probabilities: one piece of the out-of-fold set (calibration.py)
-        write_out_of_fold(frame.iloc[index["val"]], val_probabilities, args.classes, out_dir / "oof.csv")
+        write_out_of_fold(frame.iloc[index["val"]].assign(fold=args.fold), val_probabilities, args.classes,
+                          out_dir / "oof.csv")
     unseen_mask = frame["split"].isin(["test", "eval_only"]).to_numpy()
     unseen = frame[unseen_mask].reset_index(drop=True)
     probabilities = predictor.probabilities(data.images[np.flatnonzero(unseen_mask)])

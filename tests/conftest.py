@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
     from covidxr.training import main
 
     out = tmp_path_factory.mktemp("tiny_run")
-    main(["--manifest", str(MANIFEST), "--max-per-class", "6", "--epochs", "1", "--input-size", "64",
+    main(["--manifest", str(MANIFEST), "--limit", "6", "--epochs", "1", "--input-size", "64",
           "--batch-size", "8", "--out", str(out), "--cache-dir", str(out / "cache")])
     return out
 

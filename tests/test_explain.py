@@ -108,16 +108,17 @@ def test_frozen_explainer_gives_the_plain_library_map(method, manifest_frame):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from covidxr.data import load_grayscale
-    from covidxr.explain import _resize
+    from covidxr.framing import to_image_frame
 
     predictor = Predictor.load()
     gray = load_grayscale(real_image(manifest_frame, "covid", "ieee8023", 2))
     ours = predictor.explain(gray, method=method, target="covid")
     model = copy.deepcopy(predictor.model)
-    inputs = predictor.model_input(predictor.prepare(gray)[None])
+    tensor, framed = predictor.view(gray)
+    inputs = predictor.model_input(tensor[None])
     with METHODS[method](model=model, target_layers=[model.get_submodule(predictor.config["gradcam_layer"])]) as cam:
         plain = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(predictor.classes.index("covid"))])[0]
-    np.testing.assert_allclose(ours.heatmap, _resize(plain, gray.shape), atol=1e-4)
+    np.testing.assert_allclose(ours.heatmap, to_image_frame(plain, framed, gray.shape), atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121", "efficientnet_b0"])

@@ -60,7 +60,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "train.py", "--manifest", str(MANIFEST), "--max-per-class", "6", "--epochs", "1",
+               "train.py", "--manifest", str(MANIFEST), "--limit", "6", "--epochs", "1",
                "--input-size", "64", "--batch-size", "8", "--threads", "1", "--device", "cpu",
                "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -78,7 +78,7 @@ def test_progressive_resizing_trains_small_then_full_size(tmp_path):
     from conftest import MANIFEST
     from covidxr.training import main
 
-    out = main(["--manifest", str(MANIFEST), "--max-per-class", "6", "--epochs", "3", "--input-size", "64",
+    out = main(["--manifest", str(MANIFEST), "--limit", "6", "--epochs", "3", "--input-size", "64",
                 "--start-size", "32", "--full-size-epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"),
                 "--cache-dir", str(tmp_path / "cache")])
     history = pd.read_csv(out / "history.csv")
