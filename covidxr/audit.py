@@ -56,6 +56,26 @@ def audit_frame(predictor: Predictor, frame: pd.DataFrame, method: str = "gradca
     return pd.DataFrame(rows)
 
 
+def hand_drawn_focus(predictor: Predictor, frame: pd.DataFrame, method: str = "gradcam", target: str = "covid",
+                     progress: bool = True) -> pd.DataFrame:
+    """Lung focus against the hand-drawn lung masks (manifest column `lung_mask`), not against
+    our own segmenter: one row per image that has a mask, with the chance level (the share of
+    the image the lungs cover: what a map spread evenly would score)."""
+    rows = []
+    with_masks = frame[frame.get("lung_mask_path", pd.Series("", index=frame.index)).fillna("") != ""]
+    for row in tqdm(with_masks.itertuples(), total=len(with_masks), desc="lung focus (hand-drawn masks)",
+                    unit="img", disable=not progress):
+        heatmap = predictor.explain(row.path, method=method, target=target).heatmap.astype(np.float64)
+        mask = np.asarray(Image.open(row.lung_mask_path).convert("L")) > 127
+        if mask.shape != heatmap.shape:
+            raise ValueError(f"{row.filename}: lung mask {mask.shape} and image {heatmap.shape} differ in size")
+        total = heatmap.sum()
+        rows.append({"filename": row.filename, "source_dataset": row.source_dataset,
+                     "lung_focus": float(heatmap[mask].sum() / total) if total > 0 else 0.0,
+                     "chance": float(mask.mean())})
+    return pd.DataFrame(rows, columns=["filename", "source_dataset", "lung_focus", "chance"])
+
+
 def summary_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     tables = {}
     for title, column in GROUPS.items():
@@ -188,14 +208,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", default="gradcam")
     parser.add_argument("--sanity-images", type=int, default=40, help="images for the randomised-weights check")
     parser.add_argument("--out", default="runs/audit")
+    parser.add_argument("--split", default=None,
+                        help="only the rows of this split of --split-csv (e.g. val, to choose between runs)")
+    parser.add_argument("--hand-masks", action="store_true",
+                        help="only measure the COVID map's lung focus against the hand-drawn masks")
     args = parser.parse_args(argv)
 
     predictor = Predictor.load(args.checkpoint)
     predictor.lungs_checkpoint = args.lungs
     label_map = predictor.config.get("label_map") or {c: c for c in predictor.classes}
-    frame = unseen_rows(select(read_manifest(args.manifest), parse_filters(args.filter), label_map), args.split_csv)
+    frame = select(read_manifest(args.manifest), parse_filters(args.filter), label_map)
+    if args.split:
+        split = pd.read_csv(args.split_csv, dtype=str, keep_default_na=False)
+        frame = frame[frame["filename"].isin(split.loc[split["split"] == args.split, "filename"])]
+        frame = frame.reset_index(drop=True)
+    else:
+        frame = unseen_rows(frame, args.split_csv)
     if args.limit:
         frame = frame.head(args.limit)
+    if args.hand_masks:
+        focus = hand_drawn_focus(predictor, frame, args.method)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        focus.to_csv(out / "hand_drawn_focus.csv", index=False)
+        summary = {"images": len(focus), "lung_focus_mean": float(focus["lung_focus"].mean()),
+                   "chance_mean": float(focus["chance"].mean()),
+                   "share_above_half": float((focus["lung_focus"] > 0.5).mean())}
+        (out / "hand_drawn_focus.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+        return {"hand_drawn": focus, "summary": summary, "out": out}
     table = audit_frame(predictor, frame, args.method)
     sample = frame.sample(min(args.sanity_images, len(frame)), random_state=0)["path"].tolist()
     sanity = randomisation_check(predictor, sample, args.method) if args.sanity_images else None

@@ -539,7 +539,8 @@ def validate(model: nn.Module, data: TrainingData, val_targets: np.ndarray, size
 def keep_if_best(progress: dict, record: dict, model: nn.Module, args: argparse.Namespace) -> bool:
     """Best = highest validation macro AUROC, ties broken by lower validation loss. Returns
     True when it is time to stop early (never with --keep last: the schedule runs out)."""
-    score = (np.nan_to_num(record["val_macro_auroc"], nan=0.0), np.nan_to_num(record["val_loss"], nan=np.inf))
+    score = (float(np.nan_to_num(record["val_macro_auroc"], nan=0.0)),
+             float(np.nan_to_num(record["val_loss"], nan=np.inf)))
     best = progress["best"]
     if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
         progress.update(best=score, best_state=copy.deepcopy(model.state_dict()), best_epoch=record["epoch"],

@@ -65,7 +65,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
                "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "distributed: 2 processes (gloo), 4 images per process per step" in result.stdout
+    assert "distributed: 2 processes (gloo), 4 images per process per step" in result.stdout + result.stderr
     assert json.loads((out / "args.json").read_text())["processes"] == 2
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [1]
     predictor = Predictor.load(out / "model.safetensors")
@@ -85,5 +85,5 @@ def test_progressive_resizing_trains_small_then_full_size(tmp_path):
     assert list(history["size"]) == [32, 32, 64]
     config = read_config(out / "model.safetensors")
     assert config["input_size"] == 64 and config["training"]["start_size"] == 32
-    assert config["training"]["best_epoch"] == 3
+    assert config["training"]["kept_epoch"] == 3
     assert Predictor.load(out / "model.safetensors").predict(np.zeros((80, 80), np.uint8)).label in config["classes"]
