@@ -192,6 +192,37 @@ def test_download_writes_the_shared_layout_and_a_second_run_skips_it(mirror, tmp
     assert len(state["requests"]) == requests_before, "nothing present is fetched again"
 
 
+def test_real_xrays_through_a_mirror_come_out_readable_in_the_shared_layout(mirror, tmp_path, manifest_frame,
+                                                                           monkeypatch, capsys):
+    """Shared X-rays standing in for their originals (the originals are not here): served at
+    their URLs' paths, their manifest rows carrying the served files' sha256."""
+    from covidxr.data import load_grayscale, read_manifest
+
+    served, url, _ = mirror
+    monkeypatch.setattr(download, "installed_masks", lambda: None)
+    rows = pd.concat([manifest_frame[manifest_frame["source_dataset"] == source].head(2)
+                      for source in ("ieee8023", "kermany", "nih14", "actualmed")])
+    for row in rows.itertuples():
+        place = served / mirrored(row.source_url, "http://x/").removeprefix("http://x/").replace("%20", " ")
+        place.parent.mkdir(parents=True, exist_ok=True)
+        place.write_bytes((DATA_DIR / row.filename).read_bytes())
+    rows = rows.assign(sha256=[hashlib.sha256((DATA_DIR / f).read_bytes()).hexdigest() for f in rows["filename"]])
+    manifest = tmp_path / "real.csv"
+    rows.to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    assert run(manifest, out, url) == 0
+    assert f"images: {len(rows)} downloaded" in capsys.readouterr().out
+
+    frame = read_manifest(out / "manifest.csv")
+    assert list(frame["filename"]) == list(rows["filename"])
+    for row, path in zip(rows.itertuples(), frame["path"]):
+        shared, ours = Image.open(DATA_DIR / row.filename), Image.open(path)
+        assert (ours.format, ours.mode, ours.size) == (shared.format, shared.mode, shared.size)
+        if ours.format == "PNG":  # lossless: the same bytes come back
+            assert Path(path).read_bytes() == (DATA_DIR / row.filename).read_bytes()
+        assert load_grayscale(path).shape == (shared.height, shared.width)
+
+
 def test_tampered_file_is_refused_and_never_written(mirror, tmp_path, capsys):
     served, url, _ = mirror
     manifest = build_manifest(tmp_path, served)
@@ -448,9 +479,10 @@ def test_reducing_a_jpeg_uses_the_shared_files_encoder_settings(manifest_frame):
         assert (ours.format, ours.mode, ours.size) == (shared.format, shared.mode, shared.size)
         assert ours.quantization == shared.quantization  # quality 90, Pillow's tables
         assert jpeg_tables(reduce_image(path.read_bytes())) == jpeg_tables(path.read_bytes()), "Huffman, chroma"
-        # JPEG is lossy: re-encoding moves pixels a little, never by much.
+        # JPEG is lossy, but re-encoding with the same settings nearly reproduces the pixels (over
+        # all 948 shared JPEGs: mean absolute difference at most 0.053 gray levels).
         difference = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(shared, dtype=np.int16))
-        assert difference.mean() < 1.5, path.name
+        assert difference.mean() < 0.1, path.name
 
 
 def jpeg_tables(content: bytes) -> list[bytes]:
