@@ -14,7 +14,7 @@ again. Every file is written to a temporary name beside its place and renamed on
 so nothing half-written is ever left under its real name. The lung masks come from the zip
 inside the torchxrayvision wheel (installed, or given with `--masks`).
 
-This module imports neither torch nor the rest of covidxr: it only needs Pillow and tqdm.
+This module imports neither torch nor the rest of covidxr: it only needs Pillow, numpy and tqdm.
 """
 
 from __future__ import annotations
@@ -393,17 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "reduce it as ../shared/data/cxr was, write DIR/images/... and DIR/manifest.csv.",
         epilog="By downloading you accept each source's license (manifest column `license`; "
                "several are non-commercial). See data/README.md.")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write images/ and manifest.csv into")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="folder to write images/ and manifest.csv into")
     parser.add_argument("--manifest", type=Path, default=REPO_MANIFEST, metavar="FILE",
                         help="manifest with the same columns (default: the repository's data/manifest.csv)")
     parser.add_argument("--mirror", default=None, metavar="URL",
                         help="replace the URLs' scheme and host by this one (a mirror or an offline cache), "
                              "e.g. http://127.0.0.1:8000/ or file:///media/cache/")
-    parser.add_argument("--only", default=None, metavar="LABELS", help="only these labels, comma-separated: covid,normal")
+    parser.add_argument("--only", default=None, metavar="LABELS",
+                        help="only these labels, comma-separated: covid,normal")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N images per label (small runs)")
     parser.add_argument("--workers", type=int, default=8, metavar="N", help="parallel downloads (default 8)")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds per request (default 60)")
-    parser.add_argument("--retries", type=int, default=3, metavar="N", help="extra tries after a transient failure (default 3)")
+    parser.add_argument("--retries", type=int, default=3, metavar="N",
+                        help="extra tries after a transient failure (default 3)")
     parser.add_argument("--backoff", type=float, default=1.0, metavar="S",
                         help="seconds before the first retry, doubling after each (default 1)")
     parser.add_argument("--masks", type=Path, default=None, metavar="FILE",

@@ -523,7 +523,7 @@ def test_not_an_image_is_refused_with_the_reason():
 
 
 def test_download_module_does_not_import_torch():
-    # `covidxr data download` must start fast and run where only Pillow and tqdm are installed.
+    # `covidxr data download` must start fast and run where only Pillow, numpy and tqdm are installed.
     code = (f"import runpy, sys; runpy.run_path({str(REPO / 'covidxr' / 'download.py')!r}, run_name='download'); "
             "print(sorted(name for name in ('torch', 'pandas', 'covidxr') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
