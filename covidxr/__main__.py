@@ -1,6 +1,7 @@
 """Command line: `python -m covidxr predict PATH... [--recursive] [--csv out.csv] [--cam-dir DIR]`.
 
-(`python -m covidxr ood ...` fits and measures the not-a-chest-X-ray check; see ood.py.)
+(`python -m covidxr ood ...` fits and measures the not-a-chest-X-ray check; see ood.py.
+`python -m covidxr data download --out DIR ...` rebuilds the training data; see download.py.)
 
 `predict` predicts every image file given, or found in the folders given, with a progress bar. Files
 that cannot be read are reported one by one and skipped; the exit status is 1 when any failed.
@@ -67,9 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
         ood.main(argv[1:])
         return 0
+    if argv[:2] == ["data", "download"]:
+        from . import download
+
+        return download.main(argv[2:])
     parser = argparse.ArgumentParser(prog="python -m covidxr", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ood", help="fit and measure the not-a-chest-X-ray check (see ood.py)", add_help=False)
+    data = commands.add_parser("data", help="`data download --out DIR`: rebuild the training data (see download.py)")
+    data.add_argument("action", choices=["download"])  # handled above, before this parser
     predict = commands.add_parser("predict", help="predict image or DICOM files and folders")
     predict.add_argument("paths", nargs="+", help="files or folders")
     predict.add_argument("--recursive", action="store_true", help="also look in sub-folders")
