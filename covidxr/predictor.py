@@ -162,6 +162,16 @@ class Predictor:
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         return decide(probabilities, self.classes, self.config.get("decision"))
 
+    @property
+    def decision_rule(self) -> str:
+        """The decision rule in words, for the app and the command line."""
+        decision = self.config.get("decision") or {"rule": "argmax"}
+        if decision.get("rule", "argmax") == "argmax":
+            return "the most probable class"
+        why = decision.get("method", "")
+        return (f"{decision['class']} whenever its probability is at least {decision['threshold']:.2f}"
+                + (f" ({why})" if why else "") + "; otherwise the most probable other class")
+
     def predict(self, image) -> Prediction:
         gray, colour = load_image(image)
         tensor, framed = self.view(gray)
