@@ -104,21 +104,27 @@ def colourfulness(rgb: np.ndarray) -> float:
 
 
 def _check_file(path: Path) -> None:
-    """A regular, non-empty file. A folder, a FIFO (reading it would wait forever), a device or a
-    symbolic link loop is refused before anything opens it."""
+    reason = not_a_file(path)
+    if reason:
+        raise ImageLoadError(f"{path.name}: {reason}")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"{path.name}: the file is empty (0 bytes)")
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why `path` is no regular file to read, or None. A folder, a FIFO (reading it would wait
+    forever), a device or a symbolic link loop is refused before anything opens it."""
     try:
         status = path.stat()
     except FileNotFoundError:
-        raise ImageLoadError(f"{path}: no such file") from None
+        return "no such file"
     except OSError as error:
-        reason = "a symbolic link loop" if error.errno == errno.ELOOP else error.strerror or str(error)
-        raise ImageLoadError(f"{path.name}: cannot be opened ({reason})") from None
+        return "a symbolic link loop" if error.errno == errno.ELOOP else f"cannot be opened ({error.strerror})"
     if stat.S_ISDIR(status.st_mode):
-        raise ImageLoadError(f"{path.name}: a folder, not an image file")
+        return "a folder, not an image file"
     if not stat.S_ISREG(status.st_mode):
-        raise ImageLoadError(f"{path.name}: not a regular file but {_file_kind(status.st_mode)}")
-    if status.st_size == 0:
-        raise ImageLoadError(f"{path.name}: the file is empty (0 bytes)")
+        return f"not a regular file but {_file_kind(status.st_mode)}"
+    return None
 
 
 def _file_kind(mode: int) -> str:
