@@ -214,14 +214,32 @@ def test_files_whose_headers_lie_are_refused_before_decoding(bombs, manifest_fra
 
 def test_checks_let_honest_compressed_frames_through(tmp_path):
     """The same builders with true sizes decode: the checks refuse lies, not formats."""
-    frames = {uid.JPEGBaseline8Bit: small_jpeg(64), uid.JPEG2000Lossless: compressed_frame(tmp_path, uid.JPEG2000Lossless),
+    frames = {uid.JPEGBaseline8Bit: small_jpeg(64),
+              uid.JPEG2000Lossless: compressed_frame(tmp_path, uid.JPEG2000Lossless),
               uid.RLELossless: compressed_frame(tmp_path, uid.RLELossless)}
     frames_jp2 = jp2_file(frames[uid.JPEG2000Lossless], 64, 64)
     for index, (syntax, frame) in enumerate([*frames.items(), (uid.JPEG2000Lossless, frames_jp2)]):
         path = encapsulated_dicom(tmp_path / f"honest-{index}.dcm", frame, syntax)
         assert load_grayscale(path).shape == (64, 64), syntax.name
     sixteen = compressed_frame(tmp_path, uid.RLELossless, bits=12)
-    assert load_grayscale(encapsulated_dicom(tmp_path / "rle16.dcm", sixteen, uid.RLELossless, bits=12)).shape == (64, 64)
+    rle16 = encapsulated_dicom(tmp_path / "rle16.dcm", sixteen, uid.RLELossless, bits=12)
+    assert load_grayscale(rle16).shape == (64, 64)
+
+
+def test_truncated_real_images_are_refused_not_padded(tmp_path, manifest_frame):
+    """Cut in half, a real X-ray still passes the size bound; PIL must then refuse the missing
+    half rather than fill it with gray, which it does only while ImageFile.LOAD_TRUNCATED_IMAGES
+    stays off, whatever the app imports."""
+    import covidxr.serve  # noqa: F401 - gradio and everything the app loads
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    for label, source in (("normal", "kermany"), ("normal", "nih14")):
+        original = real_image(manifest_frame, label, source)
+        half = tmp_path / f"half-of-{original.name}"
+        half.write_bytes(original.read_bytes()[: original.stat().st_size // 2])
+        with pytest.raises(ImageLoadError, match="damaged or truncated"):
+            load_grayscale(half)
 
 
 # --------------------------------------------------------------------------------------------
