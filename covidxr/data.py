@@ -6,7 +6,11 @@ Every image that enters covidxr, for training, evaluation or the app, goes throu
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import math
+import mmap
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from .codestreams import HUFFMAN_DCT_MARKERS, CodestreamError, jpeg_header
 from .dicom import is_dicom, read_dicom
 
 # The shared data folder beside the repository (../shared/data/cxr), as CI and the team have it.
@@ -100,21 +105,57 @@ def colourfulness(rgb: np.ndarray) -> float:
 
 
 def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise ImageLoadError(f"{path}: no such file")
+    reason = not_a_file(path)
+    if reason:
+        raise ImageLoadError(f"{path.name}: {reason}")
     if path.stat().st_size == 0:
         raise ImageLoadError(f"{path.name}: the file is empty (0 bytes)")
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why `path` is no regular file to read, or None. A folder, a FIFO (reading it would wait
+    forever), a device or a symbolic link loop is refused before anything opens it."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as error:
+        return "a symbolic link loop" if error.errno == errno.ELOOP else f"cannot be opened ({error.strerror})"
+    if stat.S_ISDIR(status.st_mode):
+        return "a folder, not an image file"
+    if not stat.S_ISREG(status.st_mode):
+        return f"not a regular file but {_file_kind(status.st_mode)}"
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
 
 
 def _open_image(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
-        _check_size(image, path.name)
-        image.load()
     except Image.DecompressionBombError as error:
         raise ImageLoadError(f"{path.name}: image is too large to decode safely ({error})") from error
     except UnidentifiedImageError as error:
-        raise ImageLoadError(f"{path.name}: not an image file PIL can read") from error
+        raise ImageLoadError(f"{path.name}: not an image we can read (PNG, JPEG, another common "
+                             "image format or DICOM)") from error
+    except OSError as error:
+        raise ImageLoadError(f"{path.name}: cannot be opened ({error.strerror or error})") from error
+    except (SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"{path.name}: the image is damaged ({error})") from error
+    try:
+        _check_size(image, path.name)
+        _check_coded_size(image, path)
+        # PIL's default, which refuses truncated data rather than padding it with gray, is what the
+        # checks above count on: never turn on ImageFile.LOAD_TRUNCATED_IMAGES in covidxr.
+        image.load()
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(f"{path.name}: image is too large to decode safely ({error})") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"{path.name}: the image is damaged or truncated ({error})") from error
     return image
@@ -126,6 +167,44 @@ def _check_size(image: Image.Image, name: str) -> None:
     if width * height > MAX_PIXELS:
         raise ImageLoadError(f"{name}: image is {width} x {height} pixels, more than the "
                              f"{MAX_PIXELS // 1_000_000} megapixels accepted")
+
+
+# The most pixels a format can pack into one byte of coded data, well beyond what real images
+# reach. A Huffman-coded JPEG spends at least one bit on every 8x8 block in every scan (512
+# pixels a byte); deflate in a PNG packs at most 1032 bytes of rows into one.
+JPEG_PIXELS_PER_CODED_BYTE = 1024
+PNG_ROW_BYTES_PER_FILE_BYTE = 2048
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+
+
+def _check_coded_size(image: Image.Image, path: Path) -> None:
+    """Refuse a JPEG or PNG whose header promises far more pixels than its data can hold.
+
+    libjpeg pads a cut JPEG with gray and reports success: a 335-byte file whose header says
+    8000 x 8000 would be decoded to 64 megapixels (about 1 GB on its way to the model)."""
+    width, height = image.size
+    if image.format in ("JPEG", "MPO"):
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                header = jpeg_header(data)
+            except CodestreamError:
+                return  # PIL's decoder will say what is wrong
+            if header.marker not in HUFFMAN_DCT_MARKERS:
+                return  # arithmetic coding has no such bound
+            end = data.find(b"\xff\xd9", header.scan_start)
+            coded = (end if end >= 0 else len(data)) - header.scan_start
+        needed = width * height // JPEG_PIXELS_PER_CODED_BYTE
+    elif image.format == "PNG":
+        with open(path, "rb") as handle:
+            ihdr = handle.read(26)
+        bits = ihdr[24] * PNG_CHANNELS.get(ihdr[25], 4) if len(ihdr) == 26 else 1
+        coded = path.stat().st_size
+        needed = height * (math.ceil(width * bits / 8) + 1) // PNG_ROW_BYTES_PER_FILE_BYTE
+    else:
+        return
+    if coded < needed:
+        raise ImageLoadError(f"{path.name}: its header promises {width} x {height} pixels, far more than its "
+                             f"{coded} bytes of image data can hold (the file is truncated or damaged)")
 
 
 def _pil_to_array(image: Image.Image) -> tuple[np.ndarray, float]:

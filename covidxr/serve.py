@@ -1,16 +1,34 @@
 """Serving stage: the Gradio app around `Predictor.predict` and `Predictor.explain`.
 
-`app.py` is its command line. The one analysis function, `XrayApp.analyse`, serves the
-upload, the example gallery and the programmatic endpoint `/predict` alike.
+`main` is its command line (`python app.py`, `covidxr serve`). The one analysis function,
+`XrayApp.analyse`, serves the upload, the example gallery and the programmatic endpoint
+`/predict` alike; `XrayApp.admit` checks each request before it may join the queue.
+
+For a server others can reach: uploads and results live in the app's own temp folder and are
+deleted an hour after they were made (and all of them when the app stops), usage analytics
+are off, `--auth` / `--auth-file` ask for a login, each client may have only a few analyses
+waiting, responses carry nosniff and frame headers, and `--public-url` builds result URLs from
+the public address instead of the request's Host header.
 """
 
 from __future__ import annotations
 
+import argparse
+import atexit
 import ctypes
+import html
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
+from starlette.middleware import Middleware
 
 from .data import ImageLoadError
 from .examples import FETCH_COMMAND, available_examples
@@ -29,6 +47,13 @@ MAX_FILE_SIZE = "40mb"
 # and a 3,000-px DICOM no longer costs its colour mapping, JPEG encoding and transfer at full size.
 DISPLAY_SIDE = 1024
 M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
+# Uploads and results are deleted this long after they were made; the check runs as often.
+FILE_LIFETIME_S = 3600
+QUEUE_SIZE = 64
+# Analyses one client (login, else address) may have waiting besides the one running: a user
+# needs one or two, and a script cannot fill the queue for everyone (Score-CAM takes seconds).
+MAX_WAITING_PER_CLIENT = 4
+log = logging.getLogger("covidxr.serve")
 
 
 def model_facts(config: dict) -> str:
@@ -84,22 +109,64 @@ class XrayApp:
     def __init__(self, predictor: Predictor, examples_dir: Path | None = None):
         self.predictor = predictor
         self.examples = available_examples(examples_dir) if examples_dir else available_examples()
+        self.demo = None  # the Blocks, once built
+
+    def problems(self, method, explain_class, opacity) -> dict[str, str]:
+        """What is wrong with a request's settings, by parameter name; empty when nothing is.
+        The API accepts any JSON, so nothing is assumed of the types, and a refused value is
+        quoted short: a 100,000-character one does not come back."""
+        problems = {}
+        if not isinstance(method, str) or method not in METHODS:
+            problems["method"] = (f"Unknown explanation method {_quoted(method)}; choose one of "
+                                  f"{', '.join(METHODS)}.")
+        if not (explain_class in (None, "") or isinstance(explain_class, str)
+                and explain_class in (PREDICTED, *self.predictor.classes)):
+            problems["explain_class"] = (f"Unknown class {_quoted(explain_class)}; choose one of "
+                                         f"{', '.join([PREDICTED, *self.predictor.classes])}.")
+        if isinstance(opacity, bool) or not isinstance(opacity, (int, float)) or not 0 <= opacity <= 1 \
+                or not math.isfinite(opacity):
+            problems["opacity"] = f"Opacity must be a number from 0 to 1, not {_quoted(opacity)}."
+        return problems
+
+    def admit(self, file, method, explain_class, opacity, request: gr.Request):
+        """Gradio's validator, run before a request joins the queue: refused settings, and a
+        client that already has MAX_WAITING_PER_CLIENT analyses waiting, never take a place."""
+        problems = self.problems(method, explain_class, opacity)
+        client = _client(request)
+        if self.waiting(client) >= MAX_WAITING_PER_CLIENT:
+            log.info("refused a request from %s: %d analyses already waiting", client, MAX_WAITING_PER_CLIENT)
+            problems["file"] = (f"You already have {MAX_WAITING_PER_CLIENT} analyses waiting; "
+                                "try again when they are done.")
+        names = ("file", "method", "explain_class", "opacity")
+        return [gr.validate(name not in problems, html.escape(problems.get(name, ""), quote=False))
+                for name in names]
+
+    def waiting(self, client: str) -> int:
+        """How many of this client's analyses wait in the queue (the running one not counted)."""
+        # Gradio has no per-client limit of its own; its queue is read, never changed.
+        queues = getattr(getattr(self.demo, "_queue", None), "event_queue_per_concurrency_id", {})
+        return sum(_client(event.request, event.username) == client
+                   for queue in list(queues.values()) for event in list(queue.queue))
 
     def analyse(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
         """(probabilities, original, overlay, summary) for an uploaded file path."""
         if not file:
-            raise gr.Error("Upload a chest X-ray (PNG, JPEG or DICOM) or click an example first.")
+            raise gr.Error("Upload a chest X-ray (PNG, JPEG or DICOM) or click an example first.",
+                           print_exception=False)
         path = Path(file if isinstance(file, (str, Path)) else file.name)
-        if method not in METHODS:
-            raise gr.Error(f"Unknown explanation method {method!r}; choose one of {', '.join(METHODS)}.")
+        problems = self.problems(method, explain_class, opacity)
+        if problems:
+            raise gr.Error(html.escape(" ".join(problems.values()), quote=False), print_exception=False)
         target = None if explain_class in (None, "", PREDICTED) else explain_class
-        if target is not None and target not in self.predictor.classes:
-            raise gr.Error(f"Unknown class {explain_class!r}; choose one of {', '.join(self.predictor.classes)}.")
         try:
             explanation = self.predictor.explain(path, method=method, target=target, opacity=float(opacity),
                                                  max_side=DISPLAY_SIDE)
         except ImageLoadError as error:
-            raise gr.Error(f"Cannot read {path.name}: {error}") from error
+            # An expected refusal: one line in the log, no traceback.
+            reason = str(error).removeprefix(f"{path.name}: ")
+            log.info("refused %r: %s", path.name, reason)
+            raise gr.Error(html.escape(f"Cannot read {path.name}: {reason}", quote=False),
+                           print_exception=False) from error
         prediction = explanation.prediction
         original = Image.fromarray((explanation.image * 255).round().astype("uint8"))
         summary = "".join(f"> ⚠️ **Check the input.** {warning}\n>\n" for warning in prediction.warnings)
@@ -119,7 +186,8 @@ class XrayApp:
 
     def build(self) -> gr.Blocks:
         classes = self.predictor.classes
-        with gr.Blocks(title="covidxr: COVID-19 on chest X-rays") as demo:
+        with gr.Blocks(title="covidxr: COVID-19 on chest X-rays", analytics_enabled=False,
+                       delete_cache=(FILE_LIFETIME_S, FILE_LIFETIME_S)) as demo:
             gr.Markdown("# covidxr\nCOVID-19, normal or other pneumonia on a frontal chest X-ray, "
                         "with a heatmap of the regions that drove the decision.")
             gr.Markdown(NOTICE, elem_id="notice")
@@ -130,6 +198,10 @@ class XrayApp:
                                          value="gradcam", label="Explanation method")
                     explain_class = gr.Radio([PREDICTED, *classes], value=PREDICTED, label="Explain the evidence for")
                     opacity = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity")
+                    # Their values reach `admit` and `analyse` as sent: Gradio's own checks
+                    # echo a refused value whole and let NaN through as an opacity.
+                    for control in (method, explain_class, opacity):
+                        control.preprocess = _as_sent
                     run = gr.Button("Analyse", variant="primary")
                 with gr.Column(scale=2):
                     # The heading is off: the label comes from the decision rule, not always the top class.
@@ -152,21 +224,40 @@ class XrayApp:
 
             inputs = [upload, method, explain_class, opacity]
             outputs = [probabilities, original, overlay, summary]
-            run.click(self.analyse, inputs, outputs, api_name="predict", concurrency_id="model")
-            upload.upload(self.analyse, inputs, outputs, api_visibility="private", concurrency_id="model")
+            model = dict(concurrency_id="model", validator=self.admit)
+            run.click(self.analyse, inputs, outputs, api_name="predict", **model)
+            upload.upload(self.analyse, inputs, outputs, api_visibility="private", **model)
             for control in (method, explain_class):
-                control.input(self.analyse, inputs, outputs, api_visibility="private", concurrency_id="model",
-                              trigger_mode="always_last")
-            opacity.release(self.analyse, inputs, outputs, api_visibility="private", concurrency_id="model",
-                            trigger_mode="always_last")
+                control.input(self.analyse, inputs, outputs, api_visibility="private", trigger_mode="always_last",
+                              **model)
+            opacity.release(self.analyse, inputs, outputs, api_visibility="private", trigger_mode="always_last",
+                            **model)
             if self.examples:
                 paths = [str(path) for path, _ in self.examples]
                 gallery.select(_pick_example(paths), None, upload, api_visibility="private").then(
-                    self.analyse, inputs, outputs, api_visibility="private", concurrency_id="model")
+                    self.analyse, inputs, outputs, api_visibility="private", **model)
         # One model, one request at a time: the explainer's hooks are not thread-safe, and
         # two CPU-bound requests would only slow each other down.
-        demo.queue(default_concurrency_limit=1, max_size=64)
+        demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+        self.demo = demo
         return demo
+
+
+def _as_sent(value):
+    return value
+
+
+def _quoted(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 30 else text[:30] + "..."
+
+
+def _client(request, username: str | None = None) -> str:
+    """Who sent a request: the login when there is one, else the address (behind a reverse
+    proxy on this machine, uvicorn reads the client's address from X-Forwarded-For)."""
+    username = username or getattr(request, "username", None)
+    client = getattr(request, "client", None)
+    return f"user {username}" if username else f"address {getattr(client, 'host', 'unknown')}"
 
 
 def _pick_example(paths: list[str]):
@@ -187,10 +278,103 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return False
 
 
+class SecurityHeaders:
+    """ASGI middleware adding the response headers Gradio leaves out: browsers must not guess a
+    served file's type (an upload served back never runs as a page or script), and other sites
+    may not show the app in a frame (clickjacking)."""
+
+    HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"SAMEORIGIN"),
+               (b"content-security-policy", b"frame-ancestors 'self'")]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []),
+                                      *[(name, value) for name, value in self.HEADERS if name not in present]]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def private_temp_dir() -> Path:
+    """A folder of this server's own for Gradio's uploads and results (mode 0700, inside
+    $GRADIO_TEMP_DIR or the system temp folder), removed when the app stops. In the shared
+    /tmp/gradio, files of other Gradio apps on the machine would be served and accepted as input."""
+    parent = os.environ.get("GRADIO_TEMP_DIR")
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="covidxr-app-", dir=parent))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read by every Gradio component as it is built
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def launch(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           examples_dir: Path | None = None, block: bool = True):
+           examples_dir: Path | None = None, block: bool = True, auth: list[tuple[str, str]] | None = None,
+           public_url: str | None = None):
     limit_malloc_arenas()
+    private_temp_dir()
     app = XrayApp(Predictor.load(checkpoint), examples_dir).build()
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
-               prevent_thread_lock=not block, theme=gr.themes.Soft(), footer_links=["api"])
+               prevent_thread_lock=not block, theme=gr.themes.Soft(), footer_links=["api"],
+               auth=auth or None, root_path=public_url, app_kwargs={"middleware": [Middleware(SecurityHeaders)]})
     return app
+
+
+def read_auth(pairs: list[str], files: list[Path]) -> list[tuple[str, str]]:
+    """USER:PASS pairs from the command line and from files (one a line, # comments)."""
+    lines = list(pairs)
+    for file in files:
+        lines += [line.strip() for line in file.read_text().splitlines()
+                  if line.strip() and not line.strip().startswith("#")]
+    logins = []
+    for line in lines:
+        user, colon, password = line.partition(":")
+        if not colon or not user or not password:
+            raise ValueError("a login must be USER:PASSWORD, with neither empty")
+        logins.append((user, password))
+    return logins
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The app's command line (app.py, `covidxr serve`)."""
+    parser = argparse.ArgumentParser(prog="covidxr serve", description="The covidxr web app: upload a chest "
+                                     "X-ray, get the label, probabilities and a heatmap.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    parser.add_argument("--examples-dir", type=Path, default=None, help="folder of examples (default: examples/)")
+    parser.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
+                        help="ask for this login (repeatable; other users on this machine can see it in the "
+                             "process list: prefer --auth-file)")
+    parser.add_argument("--auth-file", action="append", default=[], type=Path, metavar="FILE",
+                        help="ask for one of the USER:PASS logins in FILE (one a line)")
+    parser.add_argument("--public-url", default=None, metavar="URL",
+                        help="the address users reach the app at (e.g. https://xray.example.org): result URLs "
+                             "are built from it, not from the request's Host header")
+    args = parser.parse_args(argv)
+    try:
+        auth = read_auth(args.auth, args.auth_file)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if args.public_url and not args.public_url.startswith(("http://", "https://")):
+        parser.error("--public-url must start with http:// or https://")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and not auth:
+        log.warning("serving beyond this machine without --auth: anyone who reaches it can use the app "
+                    "(README: 'Exposing the app safely')")
+    # Stopped with SIGTERM, exit normally, so that the temp folder with the uploads is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    launch(args.checkpoint, args.host, args.port, args.share, args.examples_dir, auth=auth,
+           public_url=args.public_url)

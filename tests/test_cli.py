@@ -66,4 +66,6 @@ def test_module_entry_point_runs(folder):
     result = subprocess.run([sys.executable, "-m", "covidxr", "predict", str(folder / "a.jpeg")],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(str(folder / "a.jpeg"))
+    header, line = result.stdout.splitlines()
+    assert header.split("\t") == ["file", "label", "p_covid", "p_normal", "p_pneumonia", "warning", "error"]
+    assert line.startswith(str(folder / "a.jpeg"))

@@ -143,6 +143,8 @@ def test_compressed_dicom_decodes_to_the_same_pixels(tmp_path, xray, predictor, 
 
 
 def test_undecodable_compressed_dicom_is_refused_clearly(tmp_path, xray):
+    import struct
+
     import pydicom
     from pydicom import uid
     from pydicom.encaps import encapsulate
@@ -150,7 +152,11 @@ def test_undecodable_compressed_dicom_is_refused_clearly(tmp_path, xray):
     _, gray8 = xray
     path = write_dicom(tmp_path / "plain.dcm", gray8, 8)
     dataset = pydicom.dcmread(path)
-    dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"garbage" * 100])
+    rows, columns = gray8.shape
+    # A size segment (SIZ) that matches the header, so the frame passes the checks and reaches
+    # the decoder, and garbage where the coded data belong.
+    siz = struct.pack(">HHIIIIIIIIHBBB", 41, 0, columns, rows, 0, 0, columns, rows, 0, 0, 1, 7, 1, 1)
+    dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51" + siz + b"garbage" * 100])
     dataset["PixelData"].VR = "OB"
     dataset.file_meta.TransferSyntaxUID = uid.JPEG2000Lossless
     dataset.save_as(path, enforce_file_format=True)

@@ -1,0 +1,208 @@
+"""Batch prediction: `covidxr predict PATH... [--recursive] [--csv out.csv] [--cam-dir DIR]`.
+
+Predicts every image or DICOM file named, or found in the folders named, with a progress bar.
+Nothing finished is lost: each file's result is printed (after a header line) and written to
+the CSV, flushed, as soon as it is known; a file that fails gets an error row and the run goes
+on (an unexpected error also prints its traceback). In folders, what is named like an image
+but is no file (a folder, a FIFO, a socket, a symbolic link loop) is reported as skipped, with
+the reason. Files named directly are always tried. The exit status is 1 when any file failed.
+
+File names that are not valid UTF-8, and control characters in them, are printed and written
+escaped (`\\xe9`), so any name on disk gets its row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import IMAGE_SUFFIXES, ImageLoadError, not_a_file
+from .explain import METHODS
+from .predictor import Predictor
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+
+
+@dataclass
+class Entry:
+    path: Path
+    skipped: str = ""  # why it is not predicted; empty for files to predict
+
+
+def collect(paths: list[str], recursive: bool) -> list[Entry]:
+    """Files named directly, plus what is named like an image or DICOM file in the folders named."""
+    entries = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            _scan_folder(path, recursive, entries)
+        else:
+            entries.append(Entry(path))  # always tried: what is wrong with it is an error, not a skip
+    return entries
+
+
+def _scan_folder(folder: Path, recursive: bool, entries: list[Entry]) -> None:
+    try:
+        listing = sorted(os.scandir(folder), key=lambda item: item.name)
+    except OSError as error:
+        entries.append(Entry(folder, skipped=f"{folder.name}: cannot list this folder ({error.strerror})"))
+        return
+    for item in listing:
+        path = Path(item.path)
+        named_like_an_image = path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
+        if _is_folder(item):
+            # Linked folders are not followed, so a link back up cannot loop.
+            if recursive and not item.is_symlink():
+                _scan_folder(path, recursive, entries)
+            elif named_like_an_image:
+                entries.append(Entry(path, skipped=f"{path.name}: a folder, not an image file"))
+        elif named_like_an_image:
+            reason = not_a_file(path)  # e.g. a FIFO or a link loop; an empty or broken file fails later
+            entries.append(Entry(path, skipped=f"{path.name}: {reason}" if reason else ""))
+
+
+def _is_folder(item: os.DirEntry) -> bool:
+    try:
+        return item.is_dir()
+    except OSError:  # e.g. a symbolic link loop
+        return False
+
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 without control characters: bytes of a file name that are not UTF-8
+    (Python holds them as surrogates) and control characters become `\\xNN`."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    decoded = raw.decode("utf-8", "backslashreplace")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda match: f"\\x{ord(match.group()):02x}", decoded)
+
+
+class Results:
+    """Each row, as soon as it is known: a tab-separated line on stdout and a CSV row, flushed."""
+
+    def __init__(self, columns: list[str], csv_path: Path | None):
+        self.columns = columns
+        self.handle = None
+        if csv_path:
+            csv_path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(csv_path, "w", newline="", encoding="utf-8")
+            self.writer = csv.DictWriter(self.handle, fieldnames=columns)
+            self.writer.writeheader()
+            self.handle.flush()
+        tqdm.write("\t".join(columns), file=sys.stdout)
+
+    def write(self, row: dict) -> None:
+        row = {column: printable(str(row.get(column, ""))) for column in self.columns}
+        tqdm.write("\t".join(row.values()), file=sys.stdout)
+        if self.handle:
+            self.writer.writerow(row)
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
+
+
+def predict_files(predictor: Predictor, entries: list[Entry], results: Results, cam_dir: Path | None,
+                  method: str) -> Counter:
+    """Predict every entry, writing each row as it comes; counts of predicted, failed, skipped."""
+    counts = Counter(predicted=0, failed=0, skipped=0)
+    empty = {f"p_{c}": "" for c in predictor.classes}
+    saved_names: set[str] = set()
+    if cam_dir:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+    for entry in tqdm(entries, desc="predicting", unit="img"):
+        path = entry.path
+        if entry.skipped:
+            counts["skipped"] += 1
+            tqdm.write(f"skipped: {printable(entry.skipped)}", file=sys.stderr)
+            results.write({"file": str(path), **empty, "error": f"skipped: {entry.skipped}"})
+            continue
+        try:
+            if cam_dir:
+                explanation = predictor.explain(path, method=method)
+                prediction = explanation.prediction
+                explanation.overlay.save(cam_dir / _unique_name(f"{path.stem}_{method}", saved_names))
+            else:
+                prediction = predictor.predict(path)
+        except ImageLoadError as error:
+            counts["failed"] += 1
+            tqdm.write(f"error: {printable(str(error))}", file=sys.stderr)
+            results.write({"file": str(path), **empty, "error": str(error)})
+            continue
+        except Exception as error:  # noqa: BLE001 - one file's surprise must not end the run
+            counts["failed"] += 1
+            tqdm.write(f"unexpected error on {printable(str(path))}:\n{printable(traceback.format_exc())}",
+                       file=sys.stderr)
+            results.write({"file": str(path), **empty,
+                           "error": f"unexpected error: {type(error).__name__}: {error}"[:500]})
+            continue
+        counts["predicted"] += 1
+        results.write({"file": str(path), "label": prediction.label,
+                       **{f"p_{c}": f"{p:.4f}" for c, p in prediction.probabilities.items()},
+                       "warning": "; ".join(prediction.warnings)})
+    return counts
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    """`stem.png`, or `stem-2.png`, ... when two inputs share a stem (a/x.png and b/x.png)."""
+    name, number = f"{stem}.png", 1
+    while name in used:
+        number += 1
+        name = f"{stem}-{number}.png"
+    used.add(name)
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="covidxr predict", description=__doc__.split("\n\n")[1].split(".")[0] + ".")
+    parser.add_argument("paths", nargs="+", help="files or folders")
+    parser.add_argument("--recursive", action="store_true", help="also look in sub-folders")
+    parser.add_argument("--csv", type=Path, help="write file, label, every probability, warning, error")
+    parser.add_argument("--cam-dir", type=Path, help="also save a heatmap overlay PNG per image here")
+    parser.add_argument("--method", default="gradcam", choices=sorted(METHODS))
+    parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
+    args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets an escape
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+    entries = collect(args.paths, args.recursive)
+    if not any(not entry.skipped for entry in entries):
+        for entry in entries:
+            print(f"skipped: {printable(entry.skipped)}", file=sys.stderr)
+        print("no image files found", file=sys.stderr)
+        return 1
+    predictor = Predictor.load(args.checkpoint)
+    columns = ["file", "label", *[f"p_{c}" for c in predictor.classes], "warning", "error"]
+    try:
+        results = Results(columns, args.csv)
+    except OSError as error:
+        print(f"cannot write {printable(str(args.csv))}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    try:
+        counts = predict_files(predictor, entries, results, args.cam_dir, args.method)
+    except KeyboardInterrupt:
+        print("interrupted: the rows above are complete" + (f" and in {args.csv}" if args.csv else ""),
+              file=sys.stderr)
+        return 130
+    finally:
+        results.close()
+    skipped = " (named like images but no files: folders, FIFOs, link loops)" if counts["skipped"] else ""
+    print(f"{counts['predicted']} predicted, {counts['failed']} failed, {counts['skipped']} skipped{skipped}",
+          file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
