@@ -31,6 +31,11 @@ class Prediction:
     label: str
     probabilities: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    # True when the input checks (ood.py: colour, size, features) say the image does not look like
+    # a frontal chest X-ray: the label and probabilities are then no reading of anything, and the
+    # app refuses to show them as one. An X-ray that is merely unusual (no lungs found, framing.py)
+    # keeps False and its warning.
+    not_an_xray: bool = False
 
 
 def decide(probabilities: np.ndarray, classes: list[str], decision: dict | None) -> np.ndarray:
@@ -135,23 +140,30 @@ class Predictor:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         return torch.cat(probabilities).numpy(), torch.cat(features).numpy()
 
+    def input_check(self, features: np.ndarray, colourfulness: float, shape: tuple[int, int]) -> list[str]:
+        """Short messages when the input does not look like a chest X-ray (ood.py); empty when it
+        does, or when the checkpoint carries no check."""
+        if self.ood is None:
+            return []
+        distance = float(self.ood.distance(np.asarray(features).reshape(1, -1))[0])
+        return self.ood.warnings(distance, colourfulness, shape)
+
     def warnings(self, features: np.ndarray, colourfulness: float, shape: tuple[int, int],
                  framed: framing.Framing | None = None) -> list[str]:
         """Short messages when the input does not look like a chest X-ray, or when no lungs were
         found to read (empty when all is well)."""
         found = framed.warnings if framed is not None else []
-        if self.ood is None:
-            return found
-        distance = float(self.ood.distance(np.asarray(features).reshape(1, -1))[0])
-        return self.ood.warnings(distance, colourfulness, shape) + found
+        return self.input_check(features, colourfulness, shape) + found
 
     def prediction(self, probabilities: np.ndarray, features: np.ndarray, colourfulness: float,
                    shape: tuple[int, int], framed: framing.Framing | None = None) -> Prediction:
         """The `Prediction` for one image's probabilities (C,) and penultimate features."""
         index = int(self.decide(np.asarray(probabilities)[None])[0])
+        not_an_xray = self.input_check(features, colourfulness, shape)
         return Prediction(label=self.classes[index],
                           probabilities={c: float(p) for c, p in zip(self.classes, probabilities)},
-                          warnings=self.warnings(features, colourfulness, shape, framed))
+                          warnings=not_an_xray + (framed.warnings if framed is not None else []),
+                          not_an_xray=bool(not_an_xray))
 
     def ood_scores(self, image) -> tuple[float, float, tuple[int, int]]:
         """(feature distance, colourfulness, (height, width)): what the warnings test."""

@@ -72,6 +72,28 @@ def test_each_check_says_what_it_found(predictor, manifest_frame):
     assert any("only 64 x 64 pixels" in w for w in predictor.predict(thumbnail).warnings)
     document = dict(non_xray_images())["generated:document0"]
     assert any("unlike the frontal chest X-rays" in w for w in predictor.predict(document).warnings)
+    # Each of the three is the input check's verdict that this is no chest X-ray; the X-ray is not.
+    assert [predictor.predict(image).not_an_xray for image in (tinted, thumbnail, document, xray)] == \
+        [True, True, True, False]
+
+
+def test_no_lungs_found_is_an_unusual_xray_not_a_refusal(predictor, manifest_frame):
+    """The framing's "no lungs" warning keeps the prediction: only the input check refuses."""
+    from covidxr.framing import NO_LUNGS_WARNING, Framing
+
+    xray = DATA_DIR / manifest_frame.iloc[0]["filename"]
+    tensor, _ = predictor.view(xray)
+    probabilities, features = predictor.probabilities_and_features(tensor[None])
+    shape = Image.open(xray).size[::-1]
+    no_lungs = Framing((0, 0, *shape), shape, np.zeros(shape, bool), lungs_found=False)
+    prediction = predictor.prediction(probabilities[0], features[0], 0.0, shape, no_lungs)
+    assert prediction.warnings == [NO_LUNGS_WARNING] and prediction.not_an_xray is False
+    page = dict(non_xray_images())["generated:document0"]
+    tensor, _ = predictor.view(page)
+    probabilities, features = predictor.probabilities_and_features(tensor[None])
+    both = predictor.prediction(probabilities[0], features[0], 0.0, page.shape[:2], no_lungs)
+    document = predictor.predict(page)
+    assert both.not_an_xray and both.warnings == document.warnings + [NO_LUNGS_WARNING]
 
 
 def test_gray_rgb_has_no_colour_and_explanations_carry_warnings(predictor):
