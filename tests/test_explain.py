@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import real_image
+from conftest import DATA_DIR, real_image
 from covidxr import Predictor
 from covidxr.explain import METHODS
 
@@ -146,3 +146,30 @@ def test_lung_mask_and_overlay_are_computed_when_first_read(predictor, covid_xra
     assert 0 <= explanation.lung_focus <= 1 and len(calls) == 1
     assert explanation.overlay.mode == "RGB" and explanation.border_share is not None
     assert len(calls) == 1  # computed once, then kept
+
+
+@pytest.fixture(scope="module")
+def adult_normal_and_photo(manifest_frame, tmp_path_factory):
+    """The adult-normal example (on which Score-CAM once warned "not a chest X-ray") and a photo."""
+    from covidxr.examples import read_examples
+    from covidxr.ood import non_xray_images
+
+    example = read_examples().set_index("file_name").loc["00003150_000.png"]
+    xray = DATA_DIR / manifest_frame.set_index("sha256").loc[example["sha256"], "filename"]
+    photo = tmp_path_factory.mktemp("photo") / "coffee.png"
+    Image.fromarray(dict(non_xray_images())["skimage:coffee"]).save(photo)
+    return xray, photo
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_warns_exactly_as_predict(predictor, adult_normal_and_photo, method):
+    """Gradient-free Score-CAM runs many masked forward passes: its warnings, label and
+    probabilities must still be those of the image itself, as `predict` gives them."""
+    for image in adult_normal_and_photo:
+        expected = predictor.predict(image)
+        prediction = predictor.explain(image, method=method).prediction
+        assert prediction.warnings == expected.warnings, (image.name, method)
+        assert prediction.not_an_xray == expected.not_an_xray and prediction.label == expected.label
+        assert prediction.probabilities == pytest.approx(expected.probabilities, abs=1e-4)
+    xray, photo = adult_normal_and_photo
+    assert predictor.predict(xray).warnings == [] and predictor.predict(photo).not_an_xray
