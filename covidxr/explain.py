@@ -33,6 +33,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from . import framing
 from .data import load_image
+from .model import CAM_HEADS, gradcam_layer_name
 from .ood import FeatureHook
 
 if TYPE_CHECKING:  # type names only: explain.py imports nothing from predictor.py
@@ -47,6 +48,21 @@ METHODS = {
     "eigencam": EigenCAM,
     "scorecam": ScoreCAM,
 }
+# When a global average pool and one linear layer follow the explained layer (model.CAM_HEADS),
+# the gradient of a class score is the same at every position of a channel. Grad-CAM (mean
+# gradient x activation), HiResCAM (gradient x activation, position by position) and XGrad-CAM
+# (gradient x activation summed, over the activation's sum) then weight every channel alike:
+# one map under three names. (Grad-CAM++ and LayerCAM come close but differ.)
+SAME_AS_GRADCAM = ("hirescam", "xgradcam")
+
+
+def identical_methods(config: dict) -> dict[str, tuple[str, ...]]:
+    """{method: methods giving the very same map} for a checkpoint's network; empty when each
+    method gives a map of its own."""
+    arch = config["arch"]
+    if arch in CAM_HEADS and config["gradcam_layer"] == gradcam_layer_name(arch):
+        return {"gradcam": SAME_AS_GRADCAM}
+    return {}
 
 
 @dataclass

@@ -173,3 +173,21 @@ def test_every_method_warns_exactly_as_predict(predictor, adult_normal_and_photo
         assert prediction.probabilities == pytest.approx(expected.probabilities, abs=1e-4)
     xray, photo = adult_normal_and_photo
     assert predictor.predict(xray).warnings == [] and predictor.predict(photo).not_an_xray
+
+
+def test_methods_said_to_be_identical_give_the_same_map(predictor, manifest_frame):
+    """What the app tells users ("Grad-CAM = HiResCAM = XGrad-CAM for this network") must hold on
+    real X-rays, for the predicted class and another; Grad-CAM++ is not claimed and differs."""
+    from covidxr.explain import identical_methods
+
+    same = identical_methods(predictor.config)
+    assert same == {"gradcam": ("hirescam", "xgradcam")}  # the shipped network: GAP + linear head
+    for path in (real_image(manifest_frame, "covid", "ieee8023", 1), real_image(manifest_frame, "normal", "kermany")):
+        for target in (None, "pneumonia"):
+            reference = predictor.explain(path, method="gradcam", target=target).heatmap
+            for method in same["gradcam"]:
+                np.testing.assert_allclose(predictor.explain(path, method=method, target=target).heatmap,
+                                           reference, atol=1e-3)
+            assert np.abs(predictor.explain(path, method="gradcam++", target=target).heatmap - reference).max() > 0.01
+    # densenet121 explains its last batch norm, before a ReLU: every method gives its own map.
+    assert identical_methods(dict(predictor.config, arch="densenet121", gradcam_layer="features.norm5")) == {}
