@@ -16,6 +16,16 @@ change when the weights are randomised. The audit recomputes the heatmaps with a
 initialised network of the same architecture and reports their Spearman rank correlation with
 the trained model's maps; near 0 means the maps depend on the weights, near 1 that they would
 look the same whatever the model had learned (an edge detector, not an explanation).
+
+The app's lungs-outside notice ("most of the evidence lies outside the lungs") needs a threshold
+that means something for the model at hand: `--store-notice` measures the lung focus of the
+checkpoint's maps on its correctly classified test X-rays (the split's test rows) and stores
+their 10th percentile in the checkpoint's description ("lung_focus_notice"), so the notice marks
+the maps less on the lungs than nine in ten of the model's correct answers:
+
+    python -m covidxr.audit --checkpoint covidxr/weights/covidxr-cxrnet.safetensors \\
+        --manifest ../shared/data/cxr/manifest.csv --split-csv covidxr/weights/covidxr-cxrnet.split.csv \\
+        --store-notice
 """
 
 from __future__ import annotations
@@ -32,11 +42,14 @@ from PIL import Image
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from .checkpoint import update_config
 from .data import parse_filters, read_manifest, select
 from .evaluate import unseen_rows
 from .model import build_model
-from .predictor import Predictor
+from .predictor import SHIPPED_CHECKPOINT, Predictor
 
+# The notice marks maps less on the lungs than this share of correctly classified test X-rays.
+NOTICE_PERCENTILE = 10.0
 GROUPS = {"class (true label)": "label", "correct": "correct", "source": "source_dataset", "age group": "age_group"}
 
 
@@ -54,6 +67,20 @@ def audit_frame(predictor: Predictor, frame: pd.DataFrame, method: str = "gradca
                      "lung_focus": explanation.lung_focus, "border_share": explanation.border_share,
                      "top_share": explanation.top_share, "lung_area": float(explanation.lung_mask.mean())})
     return pd.DataFrame(rows)
+
+
+def notice_rule(table: pd.DataFrame, method: str, percentile: float = NOTICE_PERCENTILE) -> dict:
+    """The lungs-outside notice's rule from an audit table (`audit_frame`): its threshold is the
+    `percentile`th percentile of lung focus over the correctly classified X-rays, with how often
+    the notice then fires on those and on all the table's X-rays."""
+    correct = table[table["correct"] == "yes"]
+    if correct.empty:
+        raise ValueError("no correctly classified X-rays to set the lungs-outside notice from")
+    threshold = float(np.percentile(correct["lung_focus"], percentile))
+    return {"threshold": threshold, "percentile": percentile, "method": method, "target": "predicted class",
+            "images": int(len(correct)),
+            "fires_on_correct": float((correct["lung_focus"] < threshold).mean()),
+            "fires_on_all": float((table["lung_focus"] < threshold).mean()), "all_images": int(len(table))}
 
 
 def hand_drawn_focus(predictor: Predictor, frame: pd.DataFrame, method: str = "gradcam", target: str = "covid",
@@ -212,7 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="only the rows of this split of --split-csv (e.g. val, to choose between runs)")
     parser.add_argument("--hand-masks", action="store_true",
                         help="only measure the COVID map's lung focus against the hand-drawn masks")
+    parser.add_argument("--store-notice", action="store_true",
+                        help="only set the app's lungs-outside notice: the 10th percentile of lung focus on the "
+                             "correctly classified X-rays of --split (default: test) of --split-csv, stored in "
+                             "the checkpoint's description")
     args = parser.parse_args(argv)
+    if args.store_notice:
+        if not args.split_csv:
+            parser.error("--store-notice needs the checkpoint's --split-csv")
+        args.split = args.split or "test"
 
     predictor = Predictor.load(args.checkpoint)
     predictor.lungs_checkpoint = args.lungs
@@ -238,6 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(summary, indent=2))
         return {"hand_drawn": focus, "summary": summary, "out": out}
     table = audit_frame(predictor, frame, args.method)
+    if args.store_notice:
+        rule = notice_rule(table, args.method) | {"split": args.split}
+        checkpoint = args.checkpoint or SHIPPED_CHECKPOINT
+        update_config(checkpoint, {"lung_focus_notice": rule})
+        print(json.dumps(rule, indent=2))
+        print(f"stored in {checkpoint}")
+        return {"notice": rule, "table": table}
     sample = frame.sample(min(args.sanity_images, len(frame)), random_state=0)["path"].tolist()
     sanity = randomisation_check(predictor, sample, args.method) if args.sanity_images else None
     out = write_audit(table, sanity, predictor, frame, args.out, args.method)
