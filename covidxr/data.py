@@ -140,12 +140,12 @@ def _open_image(path: Path) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise ImageLoadError(f"{path.name}: image is too large to decode safely ({error})") from error
     except UnidentifiedImageError as error:
-        raise ImageLoadError(f"{path.name}: not an image we can read (PNG, JPEG, another common "
+        raise ImageLoadError(f"{path.name} is not an image we can read (PNG, JPEG, another common "
                              "image format or DICOM)") from error
     except OSError as error:
         raise ImageLoadError(f"{path.name}: cannot be opened ({error.strerror or error})") from error
     except (SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"{path.name}: the image is damaged ({error})") from error
+        raise ImageLoadError(f"{path.name}: the image is damaged") from error
     try:
         _check_size(image, path.name)
         _check_coded_size(image, path)
@@ -157,7 +157,8 @@ def _open_image(path: Path) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise ImageLoadError(f"{path.name}: image is too large to decode safely ({error})") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"{path.name}: the image is damaged or truncated ({error})") from error
+        # The decoder's own words ("broken data stream ...") stay in the exception's cause.
+        raise ImageLoadError(f"{path.name}: the image is damaged or truncated") from error
     return image
 
 
