@@ -15,7 +15,8 @@ from covidxr.examples import available_examples, main, read_examples
 def test_listed_examples_cover_the_cases_and_exist_in_the_dataset(manifest_frame):
     examples = read_examples()
     assert 6 <= len(examples) <= 10
-    for column in ("file_name", "label", "sha256", "why", "source_repo", "source_path", "license", "source_url"):
+    for column in ("file_name", "label", "sha256", "caption", "why", "source_repo", "source_path", "license",
+                   "source_url"):
         assert (examples[column] != "").all(), column
     assert set(examples["sha256"]) <= set(manifest_frame["sha256"])
     assert {"covid", "normal", "pneumonia", "sars"} <= set(examples["label"])
