@@ -1,8 +1,11 @@
 """Serving stage: the Gradio app around `Predictor.predict` and `Predictor.explain`.
 
 `main` is its command line (`python app.py`, `covidxr serve`). The one analysis function,
-`XrayApp.analyse`, serves the upload, the example gallery and the programmatic endpoint
-`/predict` alike; `XrayApp.admit` checks each request before it may join the queue.
+`XrayApp.analyse_and_keep`, serves the upload, the examples, a change of method or class and
+the programmatic endpoint `/predict` alike, one request per user action; a new opacity only
+re-blends the map kept for the session. An input the not-an-X-ray check flags is refused: no
+class is called, the probabilities are greyed detail. `XrayApp.admit` checks each request
+before it may join the queue.
 
 For a server others can reach: uploads and results live in the app's own temp folder and are
 deleted an hour after they were made (and all of them when the app stops), usage analytics
@@ -24,18 +27,22 @@ import shutil
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 from PIL import Image
 from starlette.middleware import Middleware
 
 from .data import ImageLoadError
 from .examples import FETCH_COMMAND, available_examples
-from .explain import METHODS
+from .explain import METHODS, identical_methods, overlay
 from .predictor import Predictor
 
 PREDICTED = "predicted class"
+NOT_AN_XRAY = "not a frontal chest X-ray"  # the /predict label output for a refused input
+NOT_AN_XRAY_HEADLINE = "This does not look like a frontal chest X-ray"
 NOTICE = ("**Research and teaching tool, not a medical device.** Not validated for clinical use: "
           "do not use it to diagnose, treat or triage anyone.")
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM",
@@ -87,22 +94,122 @@ def model_facts(config: dict) -> str:
     return "\n\n".join(lines)
 
 
-# Below this share of the heatmap on the lungs, the app says the evidence lies mostly elsewhere.
-LOW_LUNG_FOCUS = 0.5
+# Checkpoints that do not carry their own measured threshold (audit.py --store-notice) get this one.
+DEFAULT_NOTICE = {"threshold": 0.25, "method": "gradcam"}
+# CSS: what a refusal shows of the probabilities is secondary, greyed detail; the examples'
+# captions wrap, and the table fits a phone's width.
+CSS = """
+.secondary { color: var(--body-text-color-subdued); font-size: var(--text-sm); }
+#examples table { table-layout: fixed; width: 100%; }
+#examples th:first-child, #examples td.image { width: 84px; }
+#examples td, #examples th { white-space: normal; overflow-wrap: anywhere; }
+"""
+# A refused upload clears the result beside it (label, images, summary), in the browser only.
+CLEAR_RESULT_JS = "() => [null, null, null, '']"
+# After an analysis started from the inputs, bring the result into view when it lies out of sight
+# (on a phone the result sits below the upload and the examples). Runs in the browser only.
+SHOW_RESULT_JS = """() => {
+  const result = document.getElementById("result");
+  const top = result ? result.getBoundingClientRect().top : 0;
+  if (top < 0 || top > window.innerHeight * 0.6) result.scrollIntoView({behavior: "smooth", block: "start"});
+}"""
 
 
-def focus_text(explanation) -> str:
-    """Where the evidence lies, in words: the lung focus and the shares on border and top strip."""
+def method_choices(config: dict) -> list[tuple[str, str]]:
+    """(label, method) for the method menu: methods that draw the very same map on this network
+    (explain.identical_methods) are one entry, named for all of them."""
+    same = identical_methods(config)
+    folded = {other for others in same.values() for other in others}
+    return [(_menu_name(key, same), key) for key in METHOD_LABELS if key not in folded]
+
+
+def _menu_name(method: str, same: dict[str, tuple[str, ...]]) -> str:
+    """The method's entry in the menu: one entry, named for all, where methods draw the same map."""
+    return " = ".join([METHOD_LABELS[method], *(METHOD_LABELS[m] for m in same.get(method, ()))])
+
+
+def _method_in_words(method: str, same: dict[str, tuple[str, ...]]) -> str:
+    """The method's name in the summary, with the others that draw the same map."""
+    for key, others in same.items():
+        if method in (key, *others):
+            twins = [METHOD_LABELS[m] for m in (key, *others) if m != method]
+            return f"{METHOD_LABELS[method]}, here the same map as {', '.join(twins[:-1])} and {twins[-1]}"
+    return METHOD_LABELS[method]
+
+
+def method_info(config: dict) -> str:
+    """The method menu's help line."""
+    same = identical_methods(config)
+    return "; ".join(f"{_names(key, others)} draw the same map for this network: one entry"
+                     for key, others in same.items()) or "Each method draws its own map."
+
+
+def method_facts(config: dict) -> str:
+    """The methods in words, for the About panel."""
+    same = identical_methods(config)
+    text = ("**Explanation methods** Grad-CAM++ and LayerCAM weigh only positive evidence (close to Grad-CAM "
+            "at this layer); Eigen-CAM shows the layer's main pattern, whatever the class; Score-CAM scores "
+            "masked copies of the input (slow).")
+    for key, others in same.items():
+        text += (f" {_names(key, others)} give one and the same map here: a global average pool and one linear "
+                 f"layer follow the explained layer `{config['gradcam_layer']}`, so each position of a channel "
+                 "gets the same gradient and they weigh the channels alike. The API still accepts each name.")
+    return text
+
+
+def _names(key: str, others: tuple[str, ...]) -> str:
+    names = [METHOD_LABELS[key], *(METHOD_LABELS[m] for m in others)]
+    return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def notice_rule(config: dict) -> dict:
+    """The lungs-outside notice's rule: the checkpoint's own (audit.py --store-notice), else the default."""
+    return config.get("lung_focus_notice") or DEFAULT_NOTICE
+
+
+def notice_facts(config: dict) -> str:
+    """The notice's rule in words, for the About panel."""
+    rule = notice_rule(config)
+    method = METHOD_LABELS.get(rule["method"], rule["method"])
+    text = (f"**Lungs-outside notice** shown when the {method} map of the predicted class puts less than "
+            f"{rule['threshold']:.1%} of its mass on the lungs (lung focus)")
+    if "percentile" in rule:
+        return (text + f": the {rule['percentile']:.0f}th percentile of lung focus on the {rule['images']} "
+                f"correctly classified {rule.get('split', 'test')} X-rays, so it marks about one correct answer "
+                f"in {round(100 / rule['percentile'])} ({rule['fires_on_correct']:.0%} of them; "
+                f"{rule['fires_on_all']:.0%} of all {rule['all_images']}).")
+    return text + (": a default, as this checkpoint carries no threshold measured on its own test X-rays "
+                   "(`python -m covidxr.audit --store-notice` measures one).")
+
+
+def focus_text(explanation, rule: dict, same_map: bool) -> str:
+    """Where the evidence lies, in words: the lung focus, the shares on border and top strip, and
+    the lungs-outside notice when `same_map` (the map is the one the rule was measured on)."""
     if explanation.lung_focus is None:
         return ""
     text = (f"\n\n**Lung focus {explanation.lung_focus:.0%}**: share of the heatmap on the lungs "
             f"(white outline); {explanation.border_share:.0%} lies on the image border and "
             f"{explanation.top_share:.0%} on the top strip where text markers sit.")
-    if explanation.lung_focus < LOW_LUNG_FOCUS:
-        text += ("\n\n> **Most of the evidence lies outside the lungs.** The model may be reading something "
-                 "other than lung disease here (a marker, a border, a device, the patient's build): give this "
-                 "prediction less weight.")
+    if same_map and explanation.lung_focus < rule["threshold"]:
+        measured = (f"lower than on {100 - rule['percentile']:.0f}% of this model's correctly classified "
+                    f"{rule.get('split', 'test')} X-rays" if "percentile" in rule else "the app's default threshold")
+        text += (f"\n\n> **Much of the evidence lies outside the lungs** (under {rule['threshold']:.1%}: {measured}). "
+                 "The model may be reading something other than lung disease here (a marker, a border, a device, "
+                 "the patient's build): give this prediction less weight.")
     return text
+
+
+@dataclass
+class Shown:
+    """What the page shows of the last analysis, kept per browser session so that a new opacity
+    only re-blends (no forward pass)."""
+
+    image: np.ndarray
+    heatmap: np.ndarray
+    lung_mask: np.ndarray | None  # None: no outline (no lung model, or the input came with warnings)
+
+    def overlay(self, opacity: float) -> Image.Image:
+        return overlay(self.image, self.heatmap, opacity, self.lung_mask)
 
 
 class XrayApp:
@@ -130,7 +237,8 @@ class XrayApp:
 
     def admit(self, file, method, explain_class, opacity, request: gr.Request):
         """Gradio's validator, run before a request joins the queue: refused settings, and a
-        client that already has MAX_WAITING_PER_CLIENT analyses waiting, never take a place."""
+        client that already has MAX_WAITING_PER_CLIENT analyses waiting, never take a place.
+        (For an example click, `file` is the example's number.)"""
         problems = self.problems(method, explain_class, opacity)
         client = _client(request)
         if self.waiting(client) >= MAX_WAITING_PER_CLIENT:
@@ -141,6 +249,11 @@ class XrayApp:
         return [gr.validate(name not in problems, html.escape(problems.get(name, ""), quote=False))
                 for name in names]
 
+    def admit_opacity(self, shown, opacity, request: gr.Request):
+        """The validator of a re-blend: the opacity checked as for an analysis."""
+        problem = self.problems("gradcam", PREDICTED, opacity).get("opacity", "")
+        return [gr.validate(True, ""), gr.validate(not problem, html.escape(problem, quote=False))]
+
     def waiting(self, client: str) -> int:
         """How many of this client's analyses wait in the queue (the running one not counted)."""
         # Gradio has no per-client limit of its own; its queue is read, never changed.
@@ -149,7 +262,16 @@ class XrayApp:
                    for queue in list(queues.values()) for event in list(queue.queue))
 
     def analyse(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
-        """(probabilities, original, overlay, summary) for an uploaded file path."""
+        """(label, original, overlay, summary) for an uploaded file path: the `/predict` API.
+
+        The label is the probabilities by class; for an input the check calls no chest X-ray, it
+        is the refusal, with no class name (the summary then gives the probabilities as detail)."""
+        label, original, overlay_image, summary, _ = self.analyse_and_keep(file, method, explain_class, opacity)
+        return label, original, overlay_image, summary
+
+    def analyse_and_keep(self, file, method: str = "gradcam", explain_class: str = PREDICTED,
+                         opacity: float = 0.4):
+        """`analyse`'s four outputs, and what to keep for re-blending (`Shown`)."""
         if not file:
             raise gr.Error("Upload a chest X-ray (PNG, JPEG or DICOM) or click an example first.",
                            print_exception=False)
@@ -162,80 +284,171 @@ class XrayApp:
             explanation = self.predictor.explain(path, method=method, target=target, opacity=float(opacity),
                                                  max_side=DISPLAY_SIDE)
         except ImageLoadError as error:
-            # An expected refusal: one line in the log, no traceback.
-            reason = str(error).removeprefix(f"{path.name}: ")
-            log.info("refused %r: %s", path.name, reason)
-            raise gr.Error(html.escape(f"Cannot read {path.name}: {reason}", quote=False),
-                           print_exception=False) from error
+            # An expected refusal: one line in the log, no traceback; the file named once.
+            message = str(error) if str(error).startswith(path.name) else f"{path.name}: {error}"
+            log.info("refused an upload: %s", message)
+            raise gr.Error(html.escape(message, quote=False), print_exception=False) from error
         prediction = explanation.prediction
+        # Lungs outlined, and the evidence's share on them given, only for an X-ray without
+        # warnings: lungs "found" on a photo or a document would mean nothing.
+        shown = Shown(explanation.image, explanation.heatmap, None if prediction.warnings else explanation.lung_mask)
         original = Image.fromarray((explanation.image * 255).round().astype("uint8"))
-        summary = "".join(f"> ⚠️ **Check the input.** {warning}\n>\n" for warning in prediction.warnings)
-        summary += (f"### Prediction: {prediction.label}\n"
-                   f"The heatmap shows where the evidence for **{explanation.target}** lies "
-                   f"({METHOD_LABELS[method]}; red = strongest).")
+        if prediction.not_an_xray:
+            label, summary = NOT_AN_XRAY, self.refusal(explanation)
+        else:
+            label, summary = prediction.probabilities, self.summary(explanation, method)
+        return label, original, shown.overlay(float(opacity)), summary, shown
+
+    def show(self, file, method, explain_class, opacity):
+        """`analyse_and_keep` for the page: the probabilities hidden for a refused input (the
+        summary gives them as greyed detail). The API gets plain values, never this update."""
+        label, *rest = self.analyse_and_keep(file, method, explain_class, opacity)
+        return gr.Label(label, visible=label != NOT_AN_XRAY), *rest
+
+    def summary(self, explanation, method: str) -> str:
+        """The headline (the decided class and the rule that decided it), what the heatmap
+        shows, any warning, and where the evidence lies."""
+        prediction = explanation.prediction
+        same = identical_methods(self.predictor.config)
+        text = (f"### Prediction: {prediction.label}\n"
+                f"Decided by the model's rule: {self.predictor.decision_rule}.")
         decision = self.predictor.config.get("decision") or {}
         if decision.get("rule") == "threshold" and prediction.label == decision["class"] and \
                 max(prediction.probabilities, key=prediction.probabilities.get) != prediction.label:
-            summary += (f" Called {prediction.label} because its probability reaches the model's operating "
-                        f"threshold of {decision['threshold']:.2f}, though another class is more probable.")
+            text += (f" Called {prediction.label} because its probability reaches the model's operating "
+                     f"threshold of {decision['threshold']:.2f}, though another class is more probable.")
+        text += "".join(f"\n\n> ⚠️ **Check the input.** {warning}" for warning in prediction.warnings)
+        text += (f"\n\nThe heatmap shows where the evidence for **{explanation.target}** lies "
+                 f"({_method_in_words(method, same)}; red = strongest).")
         if explanation.target != prediction.label:
-            summary += f" You are looking at the evidence for {explanation.target}, not for the prediction."
-        if not prediction.warnings:  # lungs found on a photo or a document would mean nothing
-            summary += focus_text(explanation)
-        return prediction.probabilities, original, explanation.overlay, summary
+            text += f" You are looking at the evidence for {explanation.target}, not for the prediction."
+        if not prediction.warnings:
+            rule = notice_rule(self.predictor.config)
+            same_map = explanation.target == prediction.label and (
+                method == rule["method"] or method in same.get(rule["method"], ()))
+            text += focus_text(explanation, rule, same_map)
+        return text
+
+    def refusal(self, explanation) -> str:
+        """What the page says of an input the check calls no chest X-ray: the refusal first, the
+        reasons, and the probabilities only as greyed detail."""
+        prediction = explanation.prediction
+        reasons = "".join(f"\n- {warning}" for warning in prediction.warnings)
+        probabilities = ", ".join(f"{name} {p:.0%}" for name, p in prediction.probabilities.items())
+        return (f"### {NOT_AN_XRAY_HEADLINE}\n"
+                f"The model reads frontal chest X-rays only, so it gives no result for this image.{reasons}\n\n"
+                f'<span class="secondary">Not a result: what the network outputs for this image anyway '
+                f"(probabilities {probabilities}); the heatmap shows where its evidence for "
+                f"{explanation.target} lies, which says nothing about disease.</span>")
+
+    def reblend(self, shown: Shown | None, opacity):
+        """The overlay at a new opacity from the kept map: no forward pass."""
+        if shown is None:
+            return gr.skip()
+        return shown.overlay(float(opacity))
+
+    def reanalyse(self, file, method, explain_class, opacity):
+        """A changed method or class: analyse again, or nothing while no file is loaded."""
+        if not file:
+            return (gr.skip(),) * 5
+        return self.show(file, method, explain_class, opacity)
+
+    def analyse_example(self, index, method, explain_class, opacity):
+        """An example clicked: the file goes into the upload box and is analysed, in one request."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.examples):
+            raise gr.Error(f"There is no example {_quoted(index)}.", print_exception=False)
+        path = str(self.examples[index][0])
+        return (path, *self.show(path, method, explain_class, opacity))
+
+    def example_captions(self) -> list[str]:
+        """What each example is, what this model calls it, and what to try (HTML: Gradio shows
+        text examples cut at 60 characters). From the model at hand, so the captions stay true
+        when the checkpoint changes."""
+        captions = []
+        for path, row in self.examples:
+            truth = row["label"]
+            try:
+                label = self.predictor.predict(path).label
+            except ImageLoadError as error:  # a damaged copy: the app still starts, and says so
+                label, said = None, html.escape(str(error))
+            if label is None:
+                pass
+            elif truth in self.predictor.classes and label != truth:
+                said = f"The model says {label}: it misses {truth}. <i>Try: explain {truth}.</i>"
+            else:
+                said = f"The model says {label}" + (" (correct)." if truth == label else ".")
+            captions.append(f"<b>{html.escape(row.get('caption') or row['why'])}</b><br>{said}")
+        return captions
 
     def build(self) -> gr.Blocks:
         classes = self.predictor.classes
+        config = self.predictor.config
         with gr.Blocks(title="covidxr: COVID-19 on chest X-rays", analytics_enabled=False,
                        delete_cache=(FILE_LIFETIME_S, FILE_LIFETIME_S)) as demo:
             gr.Markdown("# covidxr\nCOVID-19, normal or other pneumonia on a frontal chest X-ray, "
                         "with a heatmap of the regions that drove the decision.")
             gr.Markdown(NOTICE, elem_id="notice")
+            shown = gr.State(None, time_to_live=FILE_LIFETIME_S)
             with gr.Row():
-                with gr.Column(scale=1):
-                    upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", file_count="single", elem_id="upload")
-                    method = gr.Dropdown([(label, key) for key, label in METHOD_LABELS.items()],
-                                         value="gradcam", label="Explanation method")
-                    explain_class = gr.Radio([PREDICTED, *classes], value=PREDICTED, label="Explain the evidence for")
-                    opacity = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity")
+                with gr.Column(scale=1, min_width=300):
+                    upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", file_count="single", elem_id="upload",
+                                     height=140)
+                    if self.examples:
+                        examples = gr.Dataset(
+                            components=[gr.Image(visible=False), gr.HTML(visible=False)],
+                            samples=[[str(path), caption] for (path, _), caption in
+                                     zip(self.examples, self.example_captions())],
+                            headers=["", "What it is, and what the model says"], type="index", layout="table",
+                            samples_per_page=len(self.examples), label="Or click an example", elem_id="examples")
+                    else:
+                        gr.Markdown(f"No example images here yet. Fetch them with `{FETCH_COMMAND}`.")
+                with gr.Column(scale=2, elem_id="result"):
+                    with gr.Row():
+                        method = gr.Dropdown(method_choices(config), value="gradcam", label="Explanation method",
+                                             info=method_info(config), scale=5, min_width=300, elem_id="method")
+                        explain_class = gr.Radio([PREDICTED, *classes], value=PREDICTED, scale=4, min_width=260,
+                                                 label="Explain the evidence for", elem_id="explain-class")
+                        opacity = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heatmap opacity", scale=2,
+                                            min_width=160, elem_id="opacity")
                     # Their values reach `admit` and `analyse` as sent: Gradio's own checks
                     # echo a refused value whole and let NaN through as an opacity.
                     for control in (method, explain_class, opacity):
                         control.preprocess = _as_sent
-                    run = gr.Button("Analyse", variant="primary")
-                with gr.Column(scale=2):
-                    # The heading is off: the label comes from the decision rule, not always the top class.
-                    probabilities = gr.Label(label="Probabilities", num_top_classes=len(classes),
-                                             show_heading=False, elem_id="prediction")
-                    summary = gr.Markdown(elem_id="summary")
                     with gr.Row():
-                        original = gr.Image(label="Input, as the model reads it", type="pil", format="jpeg", elem_id="original")
-                        overlay = gr.Image(label="Heatmap overlay", type="pil", format="jpeg", elem_id="overlay")
-            gr.Markdown("### Examples")
-            if self.examples:
-                gallery = gr.Gallery(value=[(str(path), f"{row['label']}: {row['why']}") for path, row in self.examples],
-                                     columns=min(len(self.examples), 8), height=190, object_fit="contain",
-                                     allow_preview=False,
-                                     label="Click an example", elem_id="examples", buttons=[])
-            else:
-                gr.Markdown(f"No example images here yet. Fetch them with `{FETCH_COMMAND}`.")
+                        with gr.Column(scale=3, min_width=300):
+                            summary = gr.Markdown(elem_id="summary", min_height=60)
+                        # The heading is off: the label comes from the decision rule, not always the top class.
+                        probabilities = gr.Label(label="Probabilities", num_top_classes=len(classes),
+                                                 show_heading=False, scale=2, min_width=220, elem_id="prediction")
+                    with gr.Row():
+                        original = gr.Image(label="Input, as the model reads it", type="pil", format="jpeg",
+                                            height=380, elem_id="original")
+                        overlay_image = gr.Image(label="Heatmap overlay", type="pil", format="jpeg", height=380,
+                                                 elem_id="overlay")
             with gr.Accordion("About this model", open=False):
-                gr.Markdown(model_facts(self.predictor.config))
+                gr.Markdown("\n\n".join([model_facts(config), notice_facts(config), method_facts(config)]))
 
             inputs = [upload, method, explain_class, opacity]
-            outputs = [probabilities, original, overlay, summary]
+            outputs = [probabilities, original, overlay_image, summary, shown]
             model = dict(concurrency_id="model", validator=self.admit)
-            run.click(self.analyse, inputs, outputs, api_name="predict", **model)
-            upload.upload(self.analyse, inputs, outputs, api_visibility="private", **model)
-            for control in (method, explain_class):
-                control.input(self.analyse, inputs, outputs, api_visibility="private", trigger_mode="always_last",
-                              **model)
-            opacity.release(self.analyse, inputs, outputs, api_visibility="private", trigger_mode="always_last",
-                            **model)
+            # One request per user action: the upload, each change of method or class, each example
+            # click; a new opacity only re-blends the kept map (tests/test_app.py counts them in Chromium).
+            analysed = upload.upload(self.show, inputs, outputs, api_visibility="private", **model)
+            analysed.success(None, js=SHOW_RESULT_JS)
+            analysed.failure(None, None, outputs[:4], js=CLEAR_RESULT_JS)
+            # The dropdown's `input` event fired twice per choice (Gradio 6.31, Chromium); `select` once.
+            method.select(self.reanalyse, inputs, outputs, api_visibility="private", trigger_mode="always_last",
+                          **model)
+            explain_class.input(self.reanalyse, inputs, outputs, api_visibility="private",
+                                trigger_mode="always_last", **model)
+            opacity.release(self.reblend, [shown, opacity], overlay_image, api_visibility="private",
+                            trigger_mode="always_last", concurrency_id="blend", validator=self.admit_opacity)
+            # The `/predict` API: plain values (no page updates), through a button the page does not show.
+            api = gr.Button(visible=False)
+            api.click(self.analyse, inputs, outputs[:4], api_name="predict", **model)
             if self.examples:
-                paths = [str(path) for path, _ in self.examples]
-                gallery.select(_pick_example(paths), None, upload, api_visibility="private").then(
-                    self.analyse, inputs, outputs, api_visibility="private", **model)
+                examples.click(self.analyse_example, [examples, method, explain_class, opacity], [upload, *outputs],
+                               api_visibility="private", **model).success(None, js=SHOW_RESULT_JS)
         # One model, one request at a time: the explainer's hooks are not thread-safe, and
         # two CPU-bound requests would only slow each other down.
         demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
@@ -258,12 +471,6 @@ def _client(request, username: str | None = None) -> str:
     username = username or getattr(request, "username", None)
     client = getattr(request, "client", None)
     return f"user {username}" if username else f"address {getattr(client, 'host', 'unknown')}"
-
-
-def _pick_example(paths: list[str]):
-    def pick(event: gr.SelectData) -> str:
-        return paths[event.index]
-    return pick
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
@@ -322,9 +529,18 @@ def launch(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7
     limit_malloc_arenas()
     private_temp_dir()
     app = XrayApp(Predictor.load(checkpoint), examples_dir).build()
+    # quiet: Gradio's own banner tells users to "set `share=True` in `launch()`"; ours names the flag.
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
-               prevent_thread_lock=not block, theme=gr.themes.Soft(), footer_links=["api"],
+               prevent_thread_lock=True, quiet=True, theme=gr.themes.Soft(), css=CSS, footer_links=["api"],
                auth=auth or None, root_path=public_url, app_kwargs={"middleware": [Middleware(SecurityHeaders)]})
+    print(f"covidxr app running on {public_url or app.local_url}", flush=True)
+    if app.share_url:
+        print(f"public link (Gradio share): {app.share_url}", flush=True)
+    elif not share:
+        print("For a public link, restart with --share (with --auth: README, 'Exposing the app safely'). "
+              "Ctrl-C stops the app.", flush=True)
+    if block:
+        app.block_thread()
     return app
 
 

@@ -4,6 +4,7 @@ real browser clicking an example."""
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
@@ -12,7 +13,8 @@ from conftest import real_image
 from covidxr import Predictor
 from covidxr.examples import FETCH_COMMAND
 from covidxr.loadtest import shared_ssl_context
-from covidxr.serve import DISPLAY_SIDE, PREDICTED, XrayApp, model_facts
+from covidxr.serve import (DEFAULT_NOTICE, DISPLAY_SIDE, NOT_AN_XRAY, NOT_AN_XRAY_HEADLINE, PREDICTED, XrayApp,
+                           method_choices, model_facts, notice_facts)
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -29,7 +31,8 @@ def test_handler_on_a_real_xray(xray_app, manifest_frame):
     assert sum(probabilities.values()) == pytest.approx(1, abs=1e-5)
     assert original.size == overlay.size == Image.open(path).size
     decided = xray_app.predictor.predict(path).label
-    assert summary.startswith(f"### Prediction: {decided}")
+    assert summary.startswith(f"### Prediction: {decided}\nDecided by the model's rule: "
+                              f"{xray_app.predictor.decision_rule}.")
     assert "**Lung focus " in summary and "top strip" in summary
     _, _, covid_overlay, covid_summary = xray_app.analyse(str(path), "gradcam++", "covid", 0.6)
     assert "evidence for **covid**" in covid_summary
@@ -45,15 +48,27 @@ def test_handler_returns_display_sized_images(xray_app, manifest_frame, tmp_path
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "empty"),
-    (b"%PDF-1.4 not an x-ray", "not an image"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "Cannot read"),
+    (b"", "upload.png: the file is empty"),
+    (b"%PDF-1.4 not an x-ray", "upload.png is not an image we can read"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "upload.png is not an image we can read"),
 ])
-def test_handler_refuses_bad_files_clearly(xray_app, tmp_path, content, message):
+def test_handler_refuses_bad_files_clearly(xray_app, tmp_path, content, message, caplog):
     path = tmp_path / "upload.png"
     path.write_bytes(content)
-    with pytest.raises(gr.Error, match=message):
+    with caplog.at_level("INFO", logger="covidxr.serve"), pytest.raises(gr.Error, match=message) as refused:
         xray_app.analyse(str(path))
+    assert refused.value.message.count("upload.png") == 1 and refused.value.print_exception is False
+    assert [record.getMessage() for record in caplog.records] == [f"refused an upload: {refused.value.message}"]
+
+
+def test_a_damaged_real_xray_is_refused_in_plain_words(xray_app, manifest_frame, tmp_path):
+    original = real_image(manifest_frame, "normal", "nih14").read_bytes()
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(original[:200] + b"\x00" * 5000 + original[5200:])
+    with pytest.raises(gr.Error) as refused:
+        xray_app.analyse(str(path))
+    # The decoder's own words ("broken data stream ...") are not the user's.
+    assert refused.value.message == "corrupt.png: the image is damaged or truncated"
 
 
 def test_handler_refuses_enormous_images(xray_app, tmp_path):
@@ -63,16 +78,82 @@ def test_handler_refuses_enormous_images(xray_app, tmp_path):
         xray_app.analyse(str(path))
 
 
-def test_handler_warns_on_a_photo_and_still_predicts(xray_app, tmp_path):
+@pytest.mark.parametrize("name", ["skimage:chelsea", "generated:gradient"])
+def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
+    """A cat photo (colour) and a gray gradient: the check flags them, so no class is called, no
+    lungs outlined, no lung focus given; the probabilities only as greyed detail."""
     from covidxr.ood import non_xray_images
 
-    path = tmp_path / "cat.png"
-    Image.fromarray(dict(non_xray_images())["skimage:chelsea"]).save(path)
-    probabilities, original, overlay, summary = xray_app.analyse(str(path))
-    assert summary.startswith("> ⚠️ **Check the input.**")
-    assert "in colour" in summary and "unlike the frontal chest X-rays" in summary
-    assert "### Prediction:" in summary and set(probabilities) == {"covid", "normal", "pneumonia"}
-    assert "Lung focus" not in summary  # lungs "found" on a cat would mean nothing
+    path = tmp_path / "input.png"
+    Image.fromarray(np.asarray(dict(non_xray_images())[name]).astype("uint8")).save(path)
+    label, original, overlay, summary, shown = xray_app.analyse_and_keep(str(path))
+    prediction = xray_app.predictor.predict(path)
+    assert prediction.not_an_xray and set(prediction.probabilities) == set(xray_app.predictor.classes)
+    assert label == NOT_AN_XRAY and label not in xray_app.predictor.classes
+    assert summary.startswith(f"### {NOT_AN_XRAY_HEADLINE}\n")
+    assert "Prediction:" not in summary and "Lung focus" not in summary and "outside the lungs" not in summary
+    assert all(warning in summary for warning in prediction.warnings)
+    greyed = summary[summary.index('<span class="secondary">'):]
+    assert all(f"{c} {p:.0%}" in greyed for c, p in prediction.probabilities.items())
+    assert shown.lung_mask is None and overlay.size == original.size
+    page_label = xray_app.show(str(path), "gradcam", PREDICTED, 0.4)[0]
+    assert page_label.visible is False
+
+
+def test_an_unusual_xray_keeps_its_prediction_with_the_warning(xray_app, manifest_frame):
+    """No lungs found (framing.py) is a warning on an X-ray, not a refusal."""
+    import dataclasses
+
+    from covidxr.framing import NO_LUNGS_WARNING
+
+    explanation = xray_app.predictor.explain(real_image(manifest_frame, "normal", "nih14"))
+    unusual = dataclasses.replace(explanation, prediction=dataclasses.replace(
+        explanation.prediction, warnings=[NO_LUNGS_WARNING]))
+    summary = xray_app.summary(unusual, "gradcam")
+    assert summary.startswith(f"### Prediction: {explanation.prediction.label}\n")
+    assert NO_LUNGS_WARNING in summary and "Lung focus" not in summary
+
+
+def test_opacity_reblends_the_kept_map_without_a_forward_pass(xray_app, manifest_frame, monkeypatch):
+    path = str(real_image(manifest_frame, "covid", "ieee8023"))
+    *_, shown = xray_app.analyse_and_keep(path, "gradcam", PREDICTED, 0.4)
+    strong = xray_app.analyse(path, "gradcam", PREDICTED, 0.8)[2]
+    calls = []
+    for name in ("explain", "predict", "probabilities_and_features"):
+        monkeypatch.setattr(xray_app.predictor, name, lambda *args, **kw: calls.append(name))
+    reblended = xray_app.reblend(shown, 0.8)
+    assert calls == [] and reblended.tobytes() == strong.tobytes()
+    assert isinstance(xray_app.reblend(None, 0.8), type(gr.skip()))  # nothing analysed yet: nothing to do
+
+
+def test_lungs_outside_notice_follows_the_checkpoint_rule(xray_app, manifest_frame, tmp_path):
+    """The notice fires below the checkpoint's threshold, for the map its threshold was measured
+    on (Grad-CAM and its twins, the predicted class); the About panel states the rule."""
+    config = xray_app.predictor.config
+    assert "lung_focus_notice" not in config and "a default" in notice_facts(config)
+    path = real_image(manifest_frame, "normal", "nih14")
+    explanation = xray_app.predictor.explain(path)
+    focus = explanation.lung_focus
+    measured = {"threshold": focus + 0.01, "percentile": 10.0, "method": "gradcam", "images": 150,
+                "fires_on_correct": 0.1, "fires_on_all": 0.12, "all_images": 180, "split": "test"}
+    app = XrayApp(Predictor(xray_app.predictor.model, dict(config, lung_focus_notice=measured)), tmp_path)
+    assert "10th percentile of lung focus on the 150 correctly classified test X-rays" in notice_facts(app.predictor.config)
+    for method, fires in (("gradcam", True), ("hirescam", True), ("xgradcam", True), ("gradcam++", False)):
+        assert ("outside the lungs" in app.analyse(str(path), method)[3]) is fires, method
+    assert "outside the lungs" not in app.analyse(str(path), "gradcam", "covid" if explanation.prediction.label != "covid"
+                                                 else "normal")[3]
+    lower = dict(measured, threshold=focus - 0.01)
+    app.predictor.config = dict(config, lung_focus_notice=lower)
+    assert "outside the lungs" not in app.analyse(str(path))[3]
+    assert DEFAULT_NOTICE["method"] == "gradcam" and 0 < DEFAULT_NOTICE["threshold"] < 0.5
+
+
+def test_method_menu_has_one_entry_per_map(xray_app):
+    choices = method_choices(xray_app.predictor.config)
+    assert [key for _, key in choices] == ["gradcam", "gradcam++", "layercam", "eigencam", "scorecam"]
+    assert dict((key, label) for label, key in choices)["gradcam"] == "Grad-CAM = HiResCAM = XGrad-CAM"
+    # The API still takes every name.
+    assert xray_app.problems("hirescam", PREDICTED, 0.4) == xray_app.problems("xgradcam", PREDICTED, 0.4) == {}
 
 
 def test_handler_needs_a_file(xray_app):
@@ -106,38 +187,84 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
     example = next(p for p in sorted(examples_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     label, original, overlay, summary = client.predict(handle_file(str(example)), api_name="/predict")
     assert {c["label"] for c in label["confidences"]} == {"covid", "normal", "pneumonia"}
+    assert summary.startswith(f"### Prediction: {label['label']}")
     assert Image.open(overlay).size == Image.open(example).size
-    # A bad file gets a clear error, and the next good request is served.
+    # A bad file gets a clear error naming it once, and the next good request is served.
     bad = tmp_path / "notes.png"
     bad.write_text("definitely not an X-ray")
-    with pytest.raises(Exception, match="Cannot read notes.png"):
+    with pytest.raises(Exception, match="notes.png is not an image we can read") as refused:
         client.predict(handle_file(str(bad)), api_name="/predict")
+    assert str(refused.value).count("notes.png") == 1
     label_again, *_ = client.predict(handle_file(str(example)), "eigencam", "covid", 0.5, api_name="/predict")
     assert label_again["label"] in ("covid", "normal", "pneumonia")
-    # A document through the API: the prediction comes with the warning.
+    # Every method name is still accepted, including those the page folds into Grad-CAM.
+    hires, *_ = client.predict(handle_file(str(example)), "hirescam", "predicted class", 0.4, api_name="/predict")
+    assert hires == label
+    # A colour photo and a document: refused, with no class name as the label.
     from covidxr.ood import non_xray_images
 
-    document = tmp_path / "letter.png"
-    Image.fromarray(dict(non_xray_images())["generated:document0"]).save(document)
-    *_, summary = client.predict(handle_file(str(document)), api_name="/predict")
-    assert "Check the input" in summary and "### Prediction:" in summary
+    for name in ("skimage:coffee", "generated:document0"):
+        image = tmp_path / f"{name.split(':')[1]}.png"
+        Image.fromarray(dict(non_xray_images())[name]).save(image)
+        label, *_, summary = client.predict(handle_file(str(image)), api_name="/predict")
+        assert label["label"] == NOT_AN_XRAY and not label.get("confidences"), name
+        assert summary.startswith(f"### {NOT_AN_XRAY_HEADLINE}") and "Prediction:" not in summary
 
 
-def test_browser_clicks_an_example(served_app, tmp_path):
+def test_browser_one_request_per_action_and_readable_examples(served_app, examples_dir, tmp_path):
+    """In Chromium: every user action sends exactly one request to the queue (the dropdown's
+    `input` once sent two), a new opacity runs no analysis, and the examples' captions are whole."""
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (see README)"
     from playwright.sync_api import sync_playwright
+
+    from covidxr.examples import read_examples
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"])
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+        joined = []  # the function each queue request runs
+        page.on("request", lambda request: joined.append(request.post_data_json["fn_index"])
+                if "/queue/join" in request.url else None)
         page.goto(served_app)
         page.get_by_text("not a medical device").wait_for(timeout=30_000)
-        page.locator("#examples img").first.wait_for(timeout=30_000)
-        page.locator("#examples button.thumbnail-item").first.click()
-        page.locator("#overlay img").wait_for(timeout=60_000)
-        page.locator("#prediction").get_by_text("%").first.wait_for(timeout=30_000)
+        functions = {dependency["id"]: dependency["api_name"]
+                     for dependency in page.evaluate("() => window.gradio_config.dependencies")}
+
+        def act(action, done):
+            joined.clear()
+            action()
+            done()
+            page.wait_for_timeout(1500)  # time for any second request to show up
+            return [functions[index] for index in joined]
+
+        summary = page.locator("#summary")
+        rows = page.locator("#examples tbody tr")
+        rows.first.wait_for(timeout=30_000)
+        captions = rows.locator("td:nth-child(2)").all_inner_texts()
+        missed = read_examples().set_index("file_name").loc["covid-19-pneumonia-22-day1-pa.png", "caption"]
+        assert len(captions) == len(read_examples()) and any(missed in caption for caption in captions)
+        assert not any(caption.rstrip().endswith("...") for caption in captions), captions
+        first_caption = captions[0].split("\n")[0]
+        assert act(lambda: rows.first.click(), lambda: summary.get_by_text("Prediction:").wait_for(timeout=60_000)) \
+            == ["analyse_example"]
+        # The result is brought into view on the phone, above the examples it was picked from.
+        page.wait_for_function("() => document.getElementById('result').getBoundingClientRect().top < innerHeight")
+
+        def pick_method():
+            page.locator("#method input").click()
+            page.get_by_role("option", name="Grad-CAM++").click()
+        assert act(pick_method, lambda: summary.get_by_text("Grad-CAM++").wait_for(timeout=60_000)) == ["reanalyse"]
+        assert act(lambda: page.get_by_role("radio", name="pneumonia").check(),
+                   lambda: summary.get_by_text("evidence for pneumonia").first.wait_for(timeout=60_000)) \
+            == ["reanalyse_1"]
+        before = page.locator("#overlay img").get_attribute("src")
+        slider = page.locator("#opacity input[type=range]").bounding_box()
+        assert act(lambda: page.mouse.click(slider["x"] + slider["width"] * 0.9, slider["y"] + slider["height"] / 2),
+                   lambda: page.wait_for_function(f"() => document.querySelector('#overlay img').src != {before!r}",
+                                                  timeout=60_000)) == ["reblend"]
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
-    assert (tmp_path / "app.png").stat().st_size > 10_000
+    assert first_caption and (tmp_path / "app.png").stat().st_size > 10_000
