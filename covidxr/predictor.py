@@ -148,16 +148,10 @@ class Predictor:
         distance = float(self.ood.distance(np.asarray(features).reshape(1, -1))[0])
         return self.ood.warnings(distance, colourfulness, shape)
 
-    def warnings(self, features: np.ndarray, colourfulness: float, shape: tuple[int, int],
-                 framed: framing.Framing | None = None) -> list[str]:
-        """Short messages when the input does not look like a chest X-ray, or when no lungs were
-        found to read (empty when all is well)."""
-        found = framed.warnings if framed is not None else []
-        return self.input_check(features, colourfulness, shape) + found
-
     def prediction(self, probabilities: np.ndarray, features: np.ndarray, colourfulness: float,
                    shape: tuple[int, int], framed: framing.Framing | None = None) -> Prediction:
-        """The `Prediction` for one image's probabilities (C,) and penultimate features."""
+        """The `Prediction` for one image's probabilities (C,) and penultimate features: its
+        warnings are the input check's (not a chest X-ray) and the framing's (no lungs found)."""
         index = int(self.decide(np.asarray(probabilities)[None])[0])
         not_an_xray = self.input_check(features, colourfulness, shape)
         return Prediction(label=self.classes[index],
