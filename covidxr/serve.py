@@ -534,9 +534,7 @@ def launch(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7
                prevent_thread_lock=True, quiet=True, theme=gr.themes.Soft(), css=CSS, footer_links=["api"],
                auth=auth or None, root_path=public_url, app_kwargs={"middleware": [Middleware(SecurityHeaders)]})
     print(f"covidxr app running on {public_url or app.local_url}", flush=True)
-    if app.share_url:
-        print(f"public link (Gradio share): {app.share_url}", flush=True)
-    elif not share:
+    if not share:  # with --share, Gradio prints the public link itself, or why it could not make one
         print("For a public link, restart with --share (with --auth: README, 'Exposing the app safely'). "
               "Ctrl-C stops the app.", flush=True)
     if block:

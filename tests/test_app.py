@@ -268,3 +268,22 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
     assert first_caption and (tmp_path / "app.png").stat().st_size > 10_000
+
+
+def test_banner_names_the_share_flag(tmp_path, capfd, monkeypatch):
+    """Gradio's own banner says "set `share=True` in `launch()`"; a user of app.py needs `--share`."""
+    import socket
+
+    from covidxr.serve import launch
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "temp"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo = launch(None, "127.0.0.1", port, block=False, examples_dir=tmp_path)
+    try:
+        printed = capfd.readouterr().out
+    finally:
+        demo.close()
+    assert f"covidxr app running on http://127.0.0.1:{port}/" in printed
+    assert "--share" in printed and "share=True" not in printed
