@@ -583,11 +583,16 @@ def resume(path: Path, setup: Setup, device: torch.device) -> dict:
 
 
 def outside_share(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """Per image, the share of a class activation map's positive mass that lies outside the
-    allowed region (the dilated lungs): cams (N, h, w), regions (N, 1, S, S) 0/1."""
+    """Per image, the share of a class activation map's mass that lies outside the allowed
+    region (the dilated lungs): cams (N, h, w), regions (N, 1, S, S) 0/1.
+
+    Mass is softplus(cam), not relu(cam): with relu a map that is negative everywhere has no
+    mass and so no penalty, and a network learns exactly that (the class then rides on the bias
+    and the app's heatmap is blank; seen in the first run). Softplus keeps every cell counted, so
+    the only way down is evidence that is higher inside the lungs than outside them."""
     inside = nn.functional.adaptive_avg_pool2d(regions.float(), cams.shape[-2:])[:, 0]  # lung share of each cell
-    positive = torch.relu(cams)
-    return (positive * (1 - inside)).sum((1, 2)) / (positive.sum((1, 2)) + 1e-6)
+    mass = nn.functional.softplus(cams)
+    return (mass * (1 - inside)).sum((1, 2)) / mass.sum((1, 2)).clamp_min(1e-6)
 
 
 def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argparse.Namespace, description: str,

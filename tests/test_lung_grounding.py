@@ -81,13 +81,14 @@ def test_dimming_darkens_only_what_lies_outside_the_lungs(segmenter, masked_rows
 def test_outside_share_counts_activation_mass_off_the_lungs():
     regions = torch.zeros((2, 1, 8, 8), dtype=torch.uint8)
     regions[:, :, :, :4] = 1  # left half is lung
-    cams = torch.zeros((2, 4, 4))
-    cams[0, :, :2] = 3.0  # all on the lung half
-    cams[1, :, 2:] = 1.0  # all off it
-    cams[1, :, :2] = -5.0  # negative evidence does not count
+    cams = torch.full((3, 4, 4), -30.0)
+    cams[0, :, :2] = 10.0  # all on the lung half
+    cams[1, :, 2:] = 10.0  # all off it
     shares = outside_share(cams, regions)
-    assert shares[0].item() == pytest.approx(0.0, abs=1e-6)
-    assert shares[1].item() == pytest.approx(1.0, abs=1e-6)
+    assert shares[0].item() == pytest.approx(0.0, abs=1e-3)
+    assert shares[1].item() == pytest.approx(1.0, abs=1e-3)
+    # A map that is negative everywhere cannot hide from the penalty: it still counts, evenly.
+    assert shares[2].item() == pytest.approx(0.5, abs=1e-3)
 
 
 def test_folds_partition_the_pool_by_patient(manifest_frame):
