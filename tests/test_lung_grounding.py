@@ -79,7 +79,7 @@ def test_dimming_darkens_only_what_lies_outside_the_lungs(segmenter, masked_rows
 
 
 def test_outside_share_counts_activation_mass_off_the_lungs():
-    regions = torch.zeros((2, 1, 8, 8), dtype=torch.uint8)
+    regions = torch.zeros((3, 1, 8, 8), dtype=torch.uint8)
     regions[:, :, :, :4] = 1  # left half is lung
     cams = torch.full((3, 4, 4), -30.0)
     cams[0, :, :2] = 10.0  # all on the lung half
