@@ -591,8 +591,10 @@ def outside_share(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     and the app's heatmap is blank; seen in the first run). Softplus keeps every cell counted, so
     the only way down is evidence that is higher inside the lungs than outside them."""
     inside = nn.functional.adaptive_avg_pool2d(regions.float(), cams.shape[-2:])[:, 0]  # lung share of each cell
-    mass = nn.functional.softplus(cams)
-    return (mass * (1 - inside)).sum((1, 2)) / mass.sum((1, 2)).clamp_min(1e-6)
+    # log softplus(x), which is x itself far below zero (where softplus underflows in float32).
+    log_mass = torch.where(cams > -15, nn.functional.softplus(cams).clamp_min(1e-30).log(), cams)
+    weights = torch.softmax(log_mass.flatten(1), dim=1).view_as(cams)  # mass / total mass
+    return (weights * (1 - inside)).sum((1, 2))
 
 
 def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argparse.Namespace, description: str,
