@@ -1,11 +1,15 @@
 """Serving stage: the Gradio app around `Predictor.predict` and `Predictor.explain`.
 
-`app.py` is its command line. The one analysis function, `XrayApp.analyse`, serves the
-upload, the example gallery and the programmatic endpoint `/predict` alike.
+    covidxr serve                      # http://127.0.0.1:7860 (also: python app.py)
+    covidxr serve --port 8080 --checkpoint runs/x/model.safetensors
+
+The one analysis function, `XrayApp.analyse`, serves the upload, the example gallery and the
+programmatic endpoint `/predict` alike.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 from pathlib import Path
 
@@ -194,3 +198,15 @@ def launch(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
                prevent_thread_lock=not block, theme=gr.themes.Soft(), footer_links=["api"])
     return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The covidxr web app: upload a chest X-ray, get the label, "
+                                                 "probabilities and a heatmap.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    parser.add_argument("--examples-dir", type=Path, default=None, help="folder of examples (default: examples/)")
+    args = parser.parse_args(argv)
+    launch(args.checkpoint, args.host, args.port, args.share, args.examples_dir)
