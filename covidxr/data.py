@@ -7,6 +7,7 @@ Every image that enters covidxr, for training, evaluation or the app, goes throu
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,25 @@ from tqdm.auto import tqdm
 
 from .dicom import is_dicom, read_dicom
 
-# The shared data folder beside the repository (../shared/data/cxr), as CI and the team have it.
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+DATA_ENV = "COVIDXR_DATA"
+
+
+def data_dir(explicit: str | Path | None = None) -> Path:
+    """The data folder (manifest.csv and images/), the one definition every command uses:
+    `--data DIR` when given, else $COVIDXR_DATA, else ../shared/data/cxr beside the checkout
+    (as CI and the team have it). An installed package has no checkout around it: there the
+    last fallback is ../shared/data/cxr from the working folder."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    checkout = Path(__file__).resolve().parents[1]
+    base = checkout.parent if (checkout / "pyproject.toml").is_file() else Path.cwd().parent
+    return base / "shared" / "data" / "cxr"
+
+
+# The default, read once at import; commands take `--data` and call data_dir(args.data).
+DATA_DIR = data_dir()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # The largest digital radiographs are about 4300 x 4300 (18.5 MP); anything far beyond is refused.
 MAX_PIXELS = 64_000_000
