@@ -354,9 +354,13 @@ def check_split(frame: pd.DataFrame) -> None:
 def prepare_all(paths: list[str], size: int, equalize: bool = False, cache_dir: str | Path | None = None,
                 description: str = "decoding") -> torch.Tensor:
     """Decode and prepare every image once: (N, 1, size, size) uint8, cached on disk by content."""
-    key = f"{PREPROCESSING_VERSION}|{size}|{equalize}|{'|'.join(paths)}"
-    key = hashlib.sha256(key.encode()).hexdigest()[:20]
-    cache_file = Path(cache_dir) / f"images-{key}.npy" if cache_dir else None
+    cache_file = None
+    if cache_dir:
+        # Keyed by the files' bytes, not their names: an image edited in place gets a new entry.
+        key = hashlib.sha256(f"{PREPROCESSING_VERSION}|{size}|{equalize}".encode())
+        for path in paths:
+            key.update(hashlib.sha256(Path(path).read_bytes()).digest())
+        cache_file = Path(cache_dir) / f"images-{key.hexdigest()[:20]}.npy"
     if cache_file and cache_file.exists():
         return torch.from_numpy(np.load(cache_file))
     images = torch.stack([prepare(p, size, equalize) for p in tqdm(paths, desc=description, unit="img")])
