@@ -73,6 +73,7 @@ def test_unseen_rows_drop_training_patients(tmp_path):
     assert list(kept["patient_id"]) == ["b", "d"]
 
 
+@pytest.mark.slow
 def test_evaluate_command_on_real_images(tiny_run, small_manifest, tmp_path):
     out = tmp_path / "eval"
     report = main(["--checkpoint", str(tiny_run / "model.safetensors"), "--manifest", str(small_manifest),
