@@ -16,7 +16,9 @@ def covid_xray(manifest_frame):
     return real_image(manifest_frame, "covid", "ieee8023", 3)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# Score-CAM runs the network once per activation channel: seconds, not milliseconds.
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "scorecam" else m
+                                    for m in sorted(METHODS)])
 def test_every_method_gives_a_heatmap_at_image_size(predictor, covid_xray, method):
     width, height = Image.open(covid_xray).size
     explanation = predictor.explain(covid_xray, method=method)
@@ -77,6 +79,7 @@ def test_bad_requests_are_refused(predictor, covid_xray):
         predictor.explain(covid_xray, target="flu")
 
 
+@pytest.mark.slow
 def test_cams_are_reused_and_memory_stays_flat(predictor, manifest_frame):
     image = np.asarray(Image.open(real_image(manifest_frame, "normal", "nih14")))
     for _ in range(5):  # warm-up: allocator pools, the CAM objects themselves
