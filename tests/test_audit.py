@@ -26,7 +26,7 @@ def test_audit_command_on_a_small_subset(tmp_path, predictor):
     assert tables["all"][0]["images"] == 10
     # The tables summarise the per-image rows...
     rows = pd.read_csv(tmp_path / "audit.csv")
-    assert set(rows["source_dataset"]) == {"kermany", "nih14"}
+    assert set(rows["source_dataset"]) <= {"kermany", "nih14"}  # the filter held
     by_source = {row["source_dataset"]: row["lung focus, mean"] for row in tables["source"]}
     assert by_source == pytest.approx(rows.groupby("source_dataset")["lung_focus"].mean().to_dict())
     # ...and each row's lung focus is the share of its heatmap on its lungs, recomputed here.
