@@ -20,6 +20,7 @@ def test_shipped_file_is_small_and_self_describing():
     assert 0.5 < config["metrics"]["accuracy"] <= 1
 
 
+@pytest.mark.slow  # splits the whole manifest
 def test_shipped_model_training_data_is_reproducible():
     """The fingerprint in the checkpoint matches the split its recorded settings produce."""
     config = read_config(SHIPPED_CHECKPOINT)
