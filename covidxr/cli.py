@@ -34,6 +34,9 @@ COMMANDS = {
     "loadtest": ("benchmarks.loadtest", "the app under concurrent clients (from a checkout)"),
 }
 
+# Stages whose dependencies are an extra of the package, not installed by a plain `pip install`.
+EXTRAS = {"serve": "app", "bench": "test", "loadtest": "test"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     table = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
@@ -58,7 +61,10 @@ def _import(name: str, module: str):
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
         if error.name not in (module, module.rsplit(".", 1)[0]):
-            raise  # the module exists but something it needs is missing: show the real error
+            # The stage is there, a package it needs is not: most likely an extra not installed.
+            extra = EXTRAS.get(name.split()[0])
+            hint = f': pip install "covidxr[{extra}]"' if extra else ""
+            raise SystemExit(f"covidxr {name} needs the package {error.name!r}, which is not installed{hint}") from None
         where = ("benchmarks/ sits in the repository, not in the installed package: run it from a checkout"
                  if module.startswith("benchmarks.") else "this version of covidxr does not have it")
         raise SystemExit(f"covidxr {name}: {module} is not available ({where}).") from None

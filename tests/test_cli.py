@@ -56,6 +56,10 @@ def test_unknown_commands_and_missing_modules_are_refused_clearly(monkeypatch, c
     monkeypatch.setitem(COMMANDS, "data", ("covidxr.no_such_module", "absent"))
     with pytest.raises(SystemExit, match="covidxr data download: covidxr.no_such_module is not available"):
         main(["data", "download", "--out", "x"])
+    # A stage whose own dependency is missing (the web app without the [app] extra) says which.
+    monkeypatch.setattr(cli.importlib, "import_module", lambda module: __import__("gradio_is_not_installed"))
+    with pytest.raises(SystemExit, match="covidxr serve needs the package 'gradio_is_not_installed'.*covidxr\\[app\\]"):
+        main(["serve"])
 
 
 def test_the_sub_command_gets_its_own_arguments_and_status(monkeypatch):
