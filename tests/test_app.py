@@ -8,18 +8,18 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from benchmarks.common import shared_ssl_context
 from conftest import real_image
-from covidxr import Predictor
 from covidxr.examples import FETCH_COMMAND
-from covidxr.loadtest import shared_ssl_context
+from covidxr.not_xrays import non_xray_images
 from covidxr.serve import DISPLAY_SIDE, PREDICTED, XrayApp, model_facts
 
 CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def xray_app(examples_dir):
-    return XrayApp(Predictor.load(), examples_dir)
+def xray_app(examples_dir, predictor):
+    return XrayApp(predictor, examples_dir)
 
 
 def test_handler_on_a_real_xray(xray_app, manifest_frame):
@@ -64,8 +64,6 @@ def test_handler_refuses_enormous_images(xray_app, tmp_path):
 
 
 def test_handler_warns_on_a_photo_and_still_predicts(xray_app, tmp_path):
-    from covidxr.ood import non_xray_images
-
     path = tmp_path / "cat.png"
     Image.fromarray(dict(non_xray_images())["skimage:chelsea"]).save(path)
     probabilities, original, overlay, summary = xray_app.analyse(str(path))
@@ -78,7 +76,16 @@ def test_handler_warns_on_a_photo_and_still_predicts(xray_app, tmp_path):
 def test_handler_needs_a_file(xray_app):
     with pytest.raises(gr.Error, match="Upload a chest X-ray"):
         xray_app.analyse(None)
-    assert PREDICTED == "predicted class"
+
+
+def test_the_predicted_class_choice_explains_the_decided_label(xray_app, manifest_frame):
+    path = real_image(manifest_frame, "covid", "ieee8023", 1)
+    label = xray_app.predictor.predict(path).label
+    *_, summary = xray_app.analyse(str(path), "gradcam", PREDICTED)
+    assert f"evidence for **{label}**" in summary and "not for the prediction" not in summary
+    other = next(c for c in xray_app.predictor.classes if c != label)
+    *_, summary = xray_app.analyse(str(path), "gradcam", other)
+    assert f"evidence for **{other}**" in summary and "not for the prediction" in summary
 
 
 def test_model_facts_come_from_the_checkpoint(xray_app):
@@ -101,6 +108,7 @@ def test_without_examples_the_app_says_how_to_fetch_them(xray_app, tmp_path):
     assert any(FETCH_COMMAND in (text or "") for text in texts)
 
 
+@pytest.mark.app
 def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
     client = Client(served_app, verbose=False, ssl_verify=shared_ssl_context())
     example = next(p for p in sorted(examples_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -115,14 +123,13 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
     label_again, *_ = client.predict(handle_file(str(example)), "eigencam", "covid", 0.5, api_name="/predict")
     assert label_again["label"] in ("covid", "normal", "pneumonia")
     # A document through the API: the prediction comes with the warning.
-    from covidxr.ood import non_xray_images
-
     document = tmp_path / "letter.png"
     Image.fromarray(dict(non_xray_images())["generated:document0"]).save(document)
     *_, summary = client.predict(handle_file(str(document)), api_name="/predict")
     assert "Check the input" in summary and "### Prediction:" in summary
 
 
+@pytest.mark.browser
 def test_browser_clicks_an_example(served_app, tmp_path):
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (see README)"
     from playwright.sync_api import sync_playwright

@@ -1,7 +1,8 @@
 """Benchmark: what each step costs, for the shipped model and for two well-known architectures.
 
-    python -m covidxr.bench                # prints the table, updates BENCHMARKS.md
-    python -m covidxr.bench --quick        # fewer repeats (a smoke run)
+    covidxr bench                          # prints the table (or: python -m benchmarks.bench)
+    covidxr bench --markdown BENCHMARKS.md --json benchmarks/results.json   # and records it
+    covidxr bench --quick                  # fewer repeats (a smoke run)
 
 Every figure is a median (and p95) over repeated runs after warm-up, in one process, so the
 ratios between architectures are fair even on a noisy machine. densenet121 (the architecture
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import statistics
 import time
@@ -27,12 +26,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .data import DATA_DIR, load_image, prepare
-from .explain import METHODS
-from .model import build_model, count_parameters, fold_batch_norms, gradcam_layer_name
-from .predictor import Predictor
+from covidxr.data import data_dir, load_image, prepare
+from covidxr.explain import METHODS
+from covidxr.model import build_model, count_parameters, fold_batch_norms, gradcam_layer_name
+from covidxr.predictor import Predictor
 
-REPO = Path(__file__).resolve().parents[1]
+from .common import AppProcess, default_images, machine, shared_ssl_context, write_markdown
+
 COMPARED = ("densenet121", "resnet18")
 
 
@@ -123,8 +123,6 @@ def app_round_trip(paths: list[Path], repeats: int) -> dict:
     """Upload, predict, Grad-CAM and the overlay back, through the launched app."""
     from gradio_client import Client, handle_file
 
-    from .loadtest import AppProcess, shared_ssl_context
-
     # Gradio's own profiler (GRADIO_PROFILING) times each request's phases inside the server.
     with AppProcess(environment={"GRADIO_PROFILING": "1"}) as app:
         client = Client(app.url, verbose=False, ssl_verify=shared_ssl_context())
@@ -169,18 +167,12 @@ def _peak_rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def sample_paths(count: int) -> list[Path]:
-    from .loadtest import default_images
-
-    return default_images(DATA_DIR, count)
-
-
 def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], compared=COMPARED,
-        batch_size: int = 32) -> dict:
+        batch_size: int = 32, data: Path | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shipped = Predictor.load(device="cpu")
     size = shipped.config["input_size"]
-    paths = sample_paths(10)
+    paths = default_images(data_dir(data), 10)
     results = {"machine": machine(), "input_size": size, "batch_size": batch_size, "models": {}}
     candidates = {shipped.config["arch"]: shipped}
     for arch in compared:
@@ -200,19 +192,6 @@ def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], comp
         results["app_round_trip"] = app_round_trip(paths, max(10, repeats))
     results["cpu_gflops"] = cpu_gflops()
     return results
-
-
-def machine() -> dict:
-    name = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def markdown(results: dict) -> str:
@@ -283,37 +262,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(section: str, path: Path, marker: str = "bench") -> None:
-    """Replace one generated part of BENCHMARKS.md (between <!-- marker:start --> and
-    <!-- marker:end -->), keeping the hand-written text around it."""
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1] if end in rest else ""
-    path.write_text(f"{before}{start}\n{section}\n{end}{after}")
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m covidxr.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="few repeats, small batches, no app, Grad-CAM only")
     parser.add_argument("--compare", nargs="*", default=list(COMPARED), help="architectures run beside the shipped one")
     parser.add_argument("--no-app", action="store_true", help="skip the app round trip")
-    parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data folder for the sample X-rays (default: $COVIDXR_DATA, else ../shared/data/cxr)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="also update this file's generated section (e.g. BENCHMARKS.md)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     methods, batch_size = sorted(METHODS), 32
     if args.quick:
         args.repeats, args.train_steps, args.no_app, methods, batch_size = 3, 1, True, ["gradcam"], 4
-    results = run(args.repeats, args.train_steps, not args.no_app, methods, args.compare, batch_size)
+    results = run(args.repeats, args.train_steps, not args.no_app, methods, args.compare, batch_size, args.data)
     section = markdown(results)
     print(section)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    write_markdown(section, args.markdown)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        write_markdown(section, args.markdown, "bench")
     return results
 
 
