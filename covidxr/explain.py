@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -34,9 +33,6 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from . import framing
 from .data import load_image
 from .ood import FeatureHook
-
-if TYPE_CHECKING:  # type names only: explain.py imports nothing from predictor.py
-    from .predictor import Prediction
 
 METHODS = {
     "gradcam": GradCAM,
@@ -60,7 +56,7 @@ class Explanation:
     heatmap: np.ndarray
     target: str
     method: str
-    prediction: "Prediction"
+    prediction: object  # the predictor.Prediction for the same pass (predictor.py builds it)
     image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1] (shrunk to max_side)
     opacity: float = 0.4
     segmenter: object | None = field(default=None, repr=False, compare=False)  # segment.LungSegmenter

@@ -5,7 +5,6 @@ import json
 import time
 
 import pytest
-import torch
 
 from benchmarks.bench import main, markdown, model_flops, timings
 from benchmarks.common import REPO, write_markdown

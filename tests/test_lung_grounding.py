@@ -1,7 +1,6 @@
 """The lung-grounded pipeline: lung-box framing, the activation-mass penalty, folds, resume and
 the operating point chosen on out-of-fold data."""
 
-import json
 
 import numpy as np
 import pandas as pd

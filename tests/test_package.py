@@ -105,16 +105,7 @@ def test_the_cycle_finder_sees_imports_inside_functions(tmp_path):
 
 # explain <-> predictor: explain.py rebuilds a Prediction. Its fix is the lead's (issue 11); when it
 # lands, this set empties and test_explain_predictor_cycle_is_gone stops failing as expected.
-KNOWN_CYCLES = [["covidxr.explain", "covidxr.predictor"]]
-
-
 def test_no_import_cycles_in_the_package_or_the_benchmarks():
-    found = cycles(import_graph())
-    assert [cycle for cycle in found if cycle not in KNOWN_CYCLES] == []
-
-
-@pytest.mark.xfail(strict=True, reason="explain.py still imports predictor to build a Prediction")
-def test_explain_predictor_cycle_is_gone():
     assert cycles(import_graph()) == []
 
 
