@@ -21,6 +21,8 @@ MANIFEST = DATA_DIR / "manifest.csv"
 
 def pytest_collection_modifyitems(items):
     for item in items:
+        if "served_app" in getattr(item, "fixturenames", ()):  # the launched app: an app test
+            item.add_marker(pytest.mark.app)
         if item.get_closest_marker("app") or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.slow)
 

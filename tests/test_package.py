@@ -124,7 +124,8 @@ def _third_party(folder: str) -> dict[str, dict[str, set[str]]]:
     """For each module of `folder`: its third-party imports, each with the distributions that
     can provide it."""
     owners = importlib.metadata.packages_distributions()
-    local = {"covidxr", "benchmarks", "conftest"}
+    # The project's own packages, and the folder's own modules (a test may reuse another's helpers).
+    local = {"covidxr", "benchmarks", "conftest"} | {path.stem for path in (REPO / folder).glob("*.py")}
     result = {}
     for path in (REPO / folder).glob("*.py"):
         tops = {name.split(".")[0] for name in imports_of(path)} - local - set(sys.stdlib_module_names) - {""}
