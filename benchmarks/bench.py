@@ -172,9 +172,9 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], compared=COMPARED,
-        batch_size: int = 32, data: Path | None = None) -> dict:
+        batch_size: int = 32, data: Path | None = None, checkpoint: Path | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shipped = Predictor.load(device="cpu")
+    shipped = Predictor.load(checkpoint, device="cpu")
     size = shipped.config["input_size"]
     paths = default_images(data_dir(data), 10)
     results = {"machine": machine(), "input_size": size, "batch_size": batch_size, "models": {}}
@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="few repeats, small batches, no app, Grad-CAM only")
     parser.add_argument("--compare", nargs="*", default=list(COMPARED), help="architectures run beside the shipped one")
     parser.add_argument("--no-app", action="store_true", help="skip the app round trip")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="benchmark this classifier instead of the shipped one (the app round trip always "
+                             "serves the shipped one)")
     parser.add_argument("--data", type=Path, default=None,
                         help="data folder for the sample X-rays (default: $COVIDXR_DATA, else ../shared/data/cxr)")
     parser.add_argument("--markdown", type=Path, default=None,
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     methods, batch_size = sorted(METHODS), 32
     if args.quick:
         args.repeats, args.train_steps, args.no_app, methods, batch_size = 3, 1, True, ["gradcam"], 4
-    results = run(args.repeats, args.train_steps, not args.no_app, methods, args.compare, batch_size, args.data)
+    results = run(args.repeats, args.train_steps, not args.no_app, methods, args.compare, batch_size, args.data,
+                  args.checkpoint)
     section = markdown(results)
     print(section)
     if args.json:
