@@ -1,4 +1,4 @@
-"""The covidxr web app: upload a chest X-ray, get the label, probabilities and a heatmap.
+"""The covidxr web app: `python app.py` is `covidxr serve` (see covidxr/serve.py).
 
     python app.py                      # http://127.0.0.1:7860
     python app.py --port 8080 --checkpoint runs/x/model.safetensors

@@ -1,8 +1,6 @@
 """Shortcut audit: does the model look at the lungs? Measured on many images, not one.
 
-    python -m covidxr.audit --checkpoint covidxr/weights/covidxr-cxrnet.safetensors \\
-        --manifest ../shared/data/cxr/manifest.csv --split-csv covidxr/weights/covidxr-cxrnet.split.csv \\
-        --out runs/audit
+    covidxr audit --split-csv covidxr/weights/covidxr-cxrnet.split.csv --out runs/audit
 
 For every image the model has not been trained or tuned on: the Grad-CAM heatmap, and the share
 of its mass on the lungs (lung focus, from the lung model in segment.py), on the image border and
@@ -23,9 +21,8 @@ checkpoint's maps on its correctly classified test X-rays (the split's test rows
 their 10th percentile in the checkpoint's description ("lung_focus_notice"), so the notice marks
 the maps less on the lungs than nine in ten of the model's correct answers:
 
-    python -m covidxr.audit --checkpoint covidxr/weights/covidxr-cxrnet.safetensors \\
-        --manifest ../shared/data/cxr/manifest.csv --split-csv covidxr/weights/covidxr-cxrnet.split.csv \\
-        --store-notice
+    covidxr audit --checkpoint covidxr/weights/covidxr-cxrnet.safetensors \\
+        --split-csv covidxr/weights/covidxr-cxrnet.split.csv --store-notice
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from .checkpoint import update_config
-from .data import parse_filters, read_manifest, select
+from .data import data_dir, parse_filters, read_manifest, select
 from .evaluate import unseen_rows
 from .model import build_model
 from .predictor import SHIPPED_CHECKPOINT, Predictor
@@ -56,7 +53,7 @@ GROUPS = {"class (true label)": "label", "correct": "correct", "source": "source
 def audit_frame(predictor: Predictor, frame: pd.DataFrame, method: str = "gradcam", progress: bool = True) -> pd.DataFrame:
     """One row per image: prediction, correctness, lung focus, border and top-strip shares."""
     if predictor.segmenter is None:
-        raise FileNotFoundError("the audit needs a lung segmentation model (python -m covidxr.segment)")
+        raise FileNotFoundError("the audit needs a lung segmentation model (covidxr segment)")
     rows = []
     for row in tqdm(frame.itertuples(), total=len(frame), desc="auditing", unit="img", disable=not progress):
         explanation = predictor.explain(row.path, method=method)
@@ -225,10 +222,12 @@ def _lowest_sheet(predictor: Predictor, table: pd.DataFrame, frame: pd.DataFrame
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m covidxr.audit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="classifier (default: the shipped model)")
     parser.add_argument("--lungs", default=None, help="lung checkpoint (default: the shipped one)")
-    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--data", default=None,
+                        help="data folder with manifest.csv (default: $COVIDXR_DATA, else ../shared/data/cxr)")
+    parser.add_argument("--manifest", default=None, help="another manifest (default: the data folder's)")
     parser.add_argument("--split-csv", help="the checkpoint's split: leaves out its train and val patients")
     parser.add_argument("--filter", action="append", help="COLUMN=VALUE[,VALUE]")
     parser.add_argument("--limit", type=int, help="only the first N images (smoke runs)")
@@ -252,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = Predictor.load(args.checkpoint)
     predictor.lungs_checkpoint = args.lungs
     label_map = predictor.config.get("label_map") or {c: c for c in predictor.classes}
-    frame = select(read_manifest(args.manifest), parse_filters(args.filter), label_map)
+    manifest = args.manifest or data_dir(args.data) / "manifest.csv"
+    frame = select(read_manifest(manifest), parse_filters(args.filter), label_map)
     if args.split:
         split = pd.read_csv(args.split_csv, dtype=str, keep_default_na=False)
         frame = frame[frame["filename"].isin(split.loc[split["split"] == args.split, "filename"])]

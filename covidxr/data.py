@@ -10,6 +10,7 @@ import errno
 import hashlib
 import math
 import mmap
+import os
 import stat
 import warnings
 from dataclasses import dataclass
@@ -28,8 +29,25 @@ from tqdm.auto import tqdm
 from .codestreams import HUFFMAN_DCT_MARKERS, CodestreamError, jpeg_header
 from .dicom import is_dicom, read_dicom
 
-# The shared data folder beside the repository (../shared/data/cxr), as CI and the team have it.
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+DATA_ENV = "COVIDXR_DATA"
+
+
+def data_dir(explicit: str | Path | None = None) -> Path:
+    """The data folder (manifest.csv and images/), the one definition every command uses:
+    `--data DIR` when given, else $COVIDXR_DATA, else ../shared/data/cxr beside the checkout
+    (as CI and the team have it). An installed package has no checkout around it: there the
+    last fallback is ../shared/data/cxr from the working folder."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    checkout = Path(__file__).resolve().parents[1]
+    base = checkout.parent if (checkout / "pyproject.toml").is_file() else Path.cwd().parent
+    return base / "shared" / "data" / "cxr"
+
+
+# The default, read once at import; commands take `--data` and call data_dir(args.data).
+DATA_DIR = data_dir()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # The largest digital radiographs are about 4300 x 4300 (18.5 MP); anything far beyond is refused.
 MAX_PIXELS = 64_000_000
@@ -140,7 +158,7 @@ def _open_image(path: Path) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise ImageLoadError(f"{path.name}: image is too large to decode safely ({error})") from error
     except UnidentifiedImageError as error:
-        raise ImageLoadError(f"{path.name} is not an image we can read (PNG, JPEG, another common "
+        raise ImageLoadError(f"{path.name}: not an image we can read (PNG, JPEG, another common "
                              "image format or DICOM)") from error
     except OSError as error:
         raise ImageLoadError(f"{path.name}: cannot be opened ({error.strerror or error})") from error
@@ -437,9 +455,13 @@ def check_split(frame: pd.DataFrame) -> None:
 def prepare_all(paths: list[str], size: int, equalize: bool = False, cache_dir: str | Path | None = None,
                 description: str = "decoding") -> torch.Tensor:
     """Decode and prepare every image once: (N, 1, size, size) uint8, cached on disk by content."""
-    key = f"{PREPROCESSING_VERSION}|{size}|{equalize}|{'|'.join(paths)}"
-    key = hashlib.sha256(key.encode()).hexdigest()[:20]
-    cache_file = Path(cache_dir) / f"images-{key}.npy" if cache_dir else None
+    cache_file = None
+    if cache_dir:
+        # Keyed by the files' bytes, not their names: an image edited in place gets a new entry.
+        key = hashlib.sha256(f"{PREPROCESSING_VERSION}|{size}|{equalize}".encode())
+        for path in paths:
+            key.update(hashlib.sha256(Path(path).read_bytes()).digest())
+        cache_file = Path(cache_dir) / f"images-{key.hexdigest()[:20]}.npy"
     if cache_file and cache_file.exists():
         return torch.from_numpy(np.load(cache_file))
     images = torch.stack([prepare(p, size, equalize) for p in tqdm(paths, desc=description, unit="img")])

@@ -93,7 +93,8 @@ def _radiograph(dataset: pydicom.Dataset, max_pixels: int | None) -> np.ndarray:
     if _whole_number(dataset, "PixelRepresentation", default=0) not in (0, 1):
         raise _Refused("PixelRepresentation must be 0 (unsigned) or 1 (signed)")
     _check_pixel_data(dataset, rows, columns, bits_allocated)
-    slope, intercept = _real(dataset, "RescaleSlope", 1.0), _real(dataset, "RescaleIntercept", 0.0)
+    slope = _real(dataset, "RescaleSlope", 1.0)
+    _real(dataset, "RescaleIntercept", 0.0)  # only checked here: it must be a finite number
     if slope == 0:
         raise _Refused("RescaleSlope is 0, which makes every pixel the same value")
     _check_window(dataset)

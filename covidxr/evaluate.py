@@ -1,7 +1,6 @@
 """Evaluation stage: honest metrics for a checkpoint on images it has not seen.
 
-    python -m covidxr.evaluate --checkpoint runs/x/model.safetensors \
-        --manifest ../shared/data/cxr/manifest.csv --split-csv runs/x/split.csv --out runs/x/eval
+    covidxr evaluate --checkpoint runs/x/model.safetensors --split-csv runs/x/split.csv --out runs/x/eval
 
 Reports accuracy; per class sensitivity, specificity, PPV and NPV with 95% Wilson intervals;
 one-vs-rest AUROC with a bootstrap interval; the confusion matrix; all of it again per
@@ -27,7 +26,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, roc_auc_sc
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from .data import load_grayscale, parse_filters, read_manifest, select  # noqa: E402
+from .data import data_dir, load_grayscale, parse_filters, read_manifest, select  # noqa: E402
 from .predictor import Predictor  # noqa: E402
 
 # The 2020 demo's published numbers (206 PA COVID vs 206 Kermany normals, binary).
@@ -318,7 +317,10 @@ def write_gallery(predictor: Predictor, frame: pd.DataFrame, report: dict, out_d
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
-    parser.add_argument("--manifest", required=True, help="manifest CSV or folder-per-class tree")
+    parser.add_argument("--data", default=None,
+                        help="data folder with manifest.csv (default: $COVIDXR_DATA, else ../shared/data/cxr)")
+    parser.add_argument("--manifest", default=None,
+                        help="another manifest CSV or a folder-per-class tree (default: the data folder's)")
     parser.add_argument("--split-csv", help="a run's split.csv: leaves out its train and val patients")
     parser.add_argument("--filter", action="append", help="COLUMN=VALUE[,VALUE], e.g. view=PA")
     parser.add_argument("--limit", type=int, help="evaluate only the first N rows (smoke tests)")
@@ -328,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     predictor = Predictor.load(args.checkpoint)
     label_map = predictor.config.get("label_map") or {c: c for c in predictor.classes}
-    frame = select(read_manifest(args.manifest), parse_filters(args.filter), label_map)
+    manifest = args.manifest or data_dir(args.data) / "manifest.csv"
+    frame = select(read_manifest(manifest), parse_filters(args.filter), label_map)
     frame = unseen_rows(frame, args.split_csv)
     if args.limit:
         frame = frame.head(args.limit)

@@ -3,8 +3,8 @@
 The dataset images cannot be committed (their licenses), so the repository lists each example
 by the sha256 of its public original and fetches it:
 
-    python -m covidxr.examples --from ../shared/data/cxr   # copy from a local dataset folder
-    python -m covidxr.examples --download                  # or download the public originals
+    covidxr examples --from ../shared/data/cxr   # copy from a local dataset folder
+    covidxr examples --download                  # or download the public originals
 
 A local copy is found through the dataset's manifest (same sha256); a download is checked
 against the sha256 before it is kept.
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES_CSV = EXAMPLES_DIR / "examples.csv"
-FETCH_COMMAND = "python -m covidxr.examples --from ../shared/data/cxr"
+FETCH_COMMAND = "covidxr examples --from ../shared/data/cxr"
 
 
 def read_examples(csv_path: Path = EXAMPLES_CSV) -> pd.DataFrame:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -31,13 +30,10 @@ from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Laye
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from . import framing
+from .framing import Framing, to_image_frame
 from .data import load_image
 from .model import CAM_HEADS, gradcam_layer_name
 from .ood import FeatureHook
-
-if TYPE_CHECKING:  # type names only: explain.py imports nothing from predictor.py
-    from .predictor import Prediction
 
 METHODS = {
     "gradcam": GradCAM,
@@ -76,11 +72,11 @@ class Explanation:
     heatmap: np.ndarray
     target: str
     method: str
-    prediction: "Prediction"
+    prediction: object  # the predictor.Prediction for the same pass (predictor.py builds it)
     image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1] (shrunk to max_side)
     opacity: float = 0.4
     segmenter: object | None = field(default=None, repr=False, compare=False)  # segment.LungSegmenter
-    framing: framing.Framing | None = field(default=None, repr=False, compare=False)  # where the model looked
+    framing: Framing | None = field(default=None, repr=False, compare=False)  # where the model looked
 
     @cached_property
     def lung_mask(self) -> np.ndarray | None:
@@ -193,7 +189,7 @@ class Explainer:
         shown = _shrink(gray, max_side)
         return Explanation(
             # The map covers what the network read (the lungs' box): put it back on the image.
-            heatmap=framing.to_image_frame(small, framed, shown.shape),
+            heatmap=to_image_frame(small, framed, shown.shape),
             target=deciding.target,
             method=method,
             prediction=self.predictor.prediction(probabilities, features, colour, gray.shape, framed),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import framing
+from .framing import Framing, frame, uses_lungs
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import load_image, normalise
 from .model import build_model, fold_batch_norms
@@ -97,15 +97,15 @@ class Predictor:
         """Logits are divided by this before the softmax (calibration.py); 1 when uncalibrated."""
         return float(self.config.get("calibration", {}).get("temperature", 1.0))
 
-    def view(self, image) -> tuple[torch.Tensor, framing.Framing]:
+    def view(self, image) -> tuple[torch.Tensor, Framing]:
         """(the network's input (1, S, S) uint8, where it was cut from) for a path, PIL image or
         array: the lungs' box when the checkpoint reads the lungs, else the whole image."""
         recipe = self.framing_recipe
-        segmenter = self.segmenter if framing.uses_lungs(recipe) else None
-        if framing.uses_lungs(recipe) and segmenter is None:
+        segmenter = self.segmenter if uses_lungs(recipe) else None
+        if uses_lungs(recipe) and segmenter is None:
             raise CheckpointError("this checkpoint reads the lungs only, and no lung model was found "
                                   f"({recipe.get('lungs')})")
-        return framing.frame(image, recipe, self.config["input_size"],
+        return frame(image, recipe, self.config["input_size"],
                              self.config["normalisation"]["method"] == "equalize", segmenter)
 
     def prepare(self, image) -> torch.Tensor:
@@ -149,7 +149,7 @@ class Predictor:
         return self.ood.warnings(distance, colourfulness, shape)
 
     def prediction(self, probabilities: np.ndarray, features: np.ndarray, colourfulness: float,
-                   shape: tuple[int, int], framed: framing.Framing | None = None) -> Prediction:
+                   shape: tuple[int, int], framed: Framing | None = None) -> Prediction:
         """The `Prediction` for one image's probabilities (C,) and penultimate features: its
         warnings are the input check's (not a chest X-ray) and the framing's (no lungs found)."""
         index = int(self.decide(np.asarray(probabilities)[None])[0])

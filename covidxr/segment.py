@@ -3,11 +3,11 @@
     segmenter = LungSegmenter.load()          # the shipped lung model
     mask = segmenter.segment(image)           # bool (H, W), the image's own size
 
-    python -m covidxr.segment --out runs/lungs   # train, test, write a self-describing checkpoint
+    covidxr segment --out runs/lungs          # train, test, write a self-describing checkpoint
 
 It tells the audit (audit.py) and the app where the lungs are, so that a heatmap can be
 scored by how much of its mass falls on them. The masks (V7 Labs, via torchxrayvision) exist for
-adult COVID images only; `python -m covidxr.segment --sheet` draws its masks on adult normals and
+adult COVID images only; `covidxr segment --sheet` draws its masks on adult normals and
 children, to check by eye how far it carries.
 """
 
@@ -18,6 +18,7 @@ import copy
 import datetime
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -32,7 +33,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DATA_DIR, data_hash, load_grayscale, normalise, prepare, read_manifest, split_by_patient
+from .data import data_dir, data_hash, load_grayscale, normalise, prepare, read_manifest, split_by_patient
 from .model import fold_batch_norms
 
 SHIPPED_LUNGS = Path(__file__).parent / "weights" / "covidxr-lungs.safetensors"
@@ -195,8 +196,8 @@ def train_segmenter(args: argparse.Namespace) -> Path:
     root = Path(args.manifest).parent
     frame = read_manifest(args.manifest)
     frame = frame[frame["lung_mask"].fillna("") != ""].reset_index(drop=True).assign(target="lung")
-    if args.max_images:  # quick runs: the first patients only
-        frame = frame[frame["patient_id"].isin(frame["patient_id"].drop_duplicates()[:args.max_images])]
+    if args.limit:  # quick runs: the first patients only
+        frame = frame[frame["patient_id"].isin(frame["patient_id"].drop_duplicates()[:args.limit])]
         frame = frame.reset_index(drop=True)
     frame = split_by_patient(frame, args.seed, 0.15, 0.15)
     frame[["filename", "lung_mask", "patient_id", "split"]].to_csv(out / "split.csv", index=False)
@@ -252,7 +253,7 @@ def train_segmenter(args: argparse.Namespace) -> Path:
                "val_dice": best}
     config = {"task": "segmentation", "arch": "lung-unet", "widths": [16, 32, 64, 128], "classes": ["lung"],
               "input_size": args.input_size, "normalisation": NORMALISATION, "metrics": metrics,
-              "data": {"manifest": str(args.manifest), "masks": "lung_mask column (V7 Labs, adult COVID images)",
+              "data": {"manifest": portable_path(args.manifest), "masks": "lung_mask column (V7 Labs, adult COVID images)",
                        "train_data_sha256": data_hash(frame.iloc[index["train"]]),
                        "images": {name: int(len(ix)) for name, ix in index.items()}},
               "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed},
@@ -305,19 +306,35 @@ def sheet(args: argparse.Namespace) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="python -m covidxr.segment", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--manifest", default=str(DATA_DIR / "manifest.csv"))
+def portable_path(path: str | Path) -> str:
+    """`path` relative to the working folder: what a checkpoint records of its data, since a
+    checkpoint ships and an absolute path names one machine's folders."""
+    return Path(os.path.relpath(Path(path).resolve(), Path.cwd())).as_posix()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The defaults retrain the shipped lung model (its recipe is in its checkpoint's config)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=None,
+                        help="data folder with manifest.csv and the lung masks (default: $COVIDXR_DATA, "
+                             "else ../shared/data/cxr)")
+    parser.add_argument("--manifest", default=None, help="another manifest (default: the data folder's)")
     parser.add_argument("--out", default="runs/lungs")
-    parser.add_argument("--input-size", type=int, default=256)
+    # 128: the input size of the shipped lung model, which these defaults retrain.
+    parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-images", type=int, help="use only the first N patients' images (quick runs)")
+    parser.add_argument("--limit", type=int, help="use only the first N patients' images (quick runs)")
     parser.add_argument("--sheet", action="store_true", help="only draw masks on images without masks (no training)")
     parser.add_argument("--checkpoint", default=None, help="lung checkpoint for --sheet (default: the shipped one)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    args.manifest = args.manifest or str(data_dir(args.data) / "manifest.csv")
     return sheet(args) if args.sheet else train_segmenter(args)
 
 

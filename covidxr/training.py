@@ -38,7 +38,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__, framing  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .data import (DATA_DIR, XrayTensors, assign_fold, data_hash, normalise, parse_filters,  # noqa: E402
+from .data import (XrayTensors, assign_fold, data_dir, data_hash, normalise, parse_filters,  # noqa: E402
                    parse_label_map, read_manifest, select, split_by_patient, training_augmentation)
 from .evaluate import evaluate_predictions, write_gallery, write_report  # noqa: E402
 from .model import (ARCHITECTURES, CAM_HEADS, build_model, class_activation_maps, count_parameters,  # noqa: E402
@@ -290,30 +290,6 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, norm: dict,
-                    device: torch.device, description: str, progress: bool = True) -> tuple[float, float]:
-    """One pass over the (augmented) training set; returns mean loss and accuracy."""
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for batch, batch_targets in tqdm(loader, desc=description, leave=False, unit="batch", disable=not progress):
-        batch = normalise(batch.to(device), norm["mean"], norm["std"])
-        batch_targets = batch_targets.to(device)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits = model(batch.contiguous(memory_format=torch.channels_last))
-            loss = criterion(logits.float(), batch_targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema:
-            ema.update_parameters(model)
-        total_loss += loss.item() * len(batch_targets)
-        correct += (logits.argmax(1) == batch_targets).sum().item()
-        seen += len(batch_targets)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
-
-
 def train(args: argparse.Namespace) -> Path | None:
     """Train, evaluate on the test split, write the run folder; returns it (None on ranks > 0)."""
     dist = Distributed(args.device)
@@ -434,10 +410,10 @@ def load_data(args: argparse.Namespace, dist: Distributed, out_dir: Path) -> Tra
 
 
 def manifest_path(args: argparse.Namespace) -> Path:
-    """--manifest, else manifest.csv in --data, else in $COVIDXR_DATA, else in the shared folder."""
+    """--manifest, else manifest.csv in the data folder (data.data_dir: --data, $COVIDXR_DATA, shared)."""
     if args.manifest:
         return Path(args.manifest)
-    return Path(args.data or os.environ.get("COVIDXR_DATA") or DATA_DIR) / "manifest.csv"
+    return data_dir(args.data) / "manifest.csv"
 
 
 def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
@@ -583,11 +559,18 @@ def resume(path: Path, setup: Setup, device: torch.device) -> dict:
 
 
 def outside_share(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """Per image, the share of a class activation map's positive mass that lies outside the
-    allowed region (the dilated lungs): cams (N, h, w), regions (N, 1, S, S) 0/1."""
+    """Per image, the share of a class activation map's mass that lies outside the allowed
+    region (the dilated lungs): cams (N, h, w), regions (N, 1, S, S) 0/1.
+
+    Mass is softplus(cam), not relu(cam): with relu a map that is negative everywhere has no
+    mass and so no penalty, and a network learns exactly that (the class then rides on the bias
+    and the app's heatmap is blank; seen in the first run). Softplus keeps every cell counted, so
+    the only way down is evidence that is higher inside the lungs than outside them."""
     inside = nn.functional.adaptive_avg_pool2d(regions.float(), cams.shape[-2:])[:, 0]  # lung share of each cell
-    positive = torch.relu(cams)
-    return (positive * (1 - inside)).sum((1, 2)) / (positive.sum((1, 2)) + 1e-6)
+    # log softplus(x), which is x itself far below zero (where softplus underflows in float32).
+    log_mass = torch.where(cams > -15, nn.functional.softplus(cams).clamp_min(1e-30).log(), cams)
+    weights = torch.softmax(log_mass.flatten(1), dim=1).view_as(cams)  # mass / total mass
+    return (weights * (1 - inside)).sum((1, 2))
 
 
 def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argparse.Namespace, description: str,

@@ -1,17 +1,56 @@
+"""Shared fixtures and the test layers.
+
+Layers (markers registered in pyproject.toml): `slow` (training runs, the benchmark, whole-data
+checks), `app` (launches the web app in its own process) and `browser` (drives Chromium); `app`
+and `browser` imply `slow`. The fast layer: `python -m pytest -m "not slow"`. Everything:
+`python -m pytest`, as CI runs it.
+"""
+
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from covidxr.data import data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "data" / "cxr"
+# The data folder as every command finds it ($COVIDXR_DATA, else ../shared/data/cxr).
+DATA_DIR = data_dir()
 MANIFEST = DATA_DIR / "manifest.csv"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "served_app" in getattr(item, "fixturenames", ()):  # the launched app: an app test
+            item.add_marker(pytest.mark.app)
+        if item.get_closest_marker("app") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """Tests write into temporary folders only: no image cache or run folder in the checkout."""
+    def written():
+        return {path for folder in (".cache", "runs") for path in (REPO / folder).glob("**/*")}
+
+    before = written()
+    yield
+    left = sorted(str(path.relative_to(REPO)) for path in written() - before)
+    assert not left, f"tests left files in the checkout: {left[:5]}"
 
 
 @pytest.fixture(scope="session")
 def manifest_frame() -> pd.DataFrame:
     assert MANIFEST.exists(), f"real data expected at {MANIFEST}"
     return pd.read_csv(MANIFEST, dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="session")
+def predictor():
+    """The shipped model, loaded once for every test file that only reads from it."""
+    from covidxr import Predictor
+
+    return Predictor.load()
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +92,7 @@ def examples_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def served_app(examples_dir, tmp_path_factory):
     """`python app.py --port P` in its own process, as a user starts it."""
-    from covidxr.loadtest import AppProcess
+    from benchmarks.common import AppProcess
 
     log = tmp_path_factory.mktemp("app_log") / "app.log"
     try:

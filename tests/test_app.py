@@ -1,5 +1,5 @@
 """The Gradio app: its handler called directly, the launched app through gradio_client, and a
-real browser clicking an example."""
+real browser counting the requests each action sends."""
 
 from pathlib import Path
 
@@ -9,10 +9,11 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from benchmarks.common import shared_ssl_context
 from conftest import real_image
 from covidxr import Predictor
 from covidxr.examples import FETCH_COMMAND
-from covidxr.loadtest import shared_ssl_context
+from covidxr.not_xrays import non_xray_images
 from covidxr.serve import (DEFAULT_NOTICE, DISPLAY_SIDE, NOT_AN_XRAY, NOT_AN_XRAY_HEADLINE, PREDICTED, XrayApp,
                            method_choices, model_facts, notice_facts)
 
@@ -20,8 +21,8 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def xray_app(examples_dir):
-    return XrayApp(Predictor.load(), examples_dir)
+def xray_app(examples_dir, predictor):
+    return XrayApp(predictor, examples_dir)
 
 
 def test_handler_on_a_real_xray(xray_app, manifest_frame):
@@ -49,8 +50,8 @@ def test_handler_returns_display_sized_images(xray_app, manifest_frame, tmp_path
 
 @pytest.mark.parametrize("content, message", [
     (b"", "upload.png: the file is empty"),
-    (b"%PDF-1.4 not an x-ray", "upload.png is not an image we can read"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "upload.png is not an image we can read"),
+    (b"%PDF-1.4 not an x-ray", "upload.png: not an image we can read"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "upload.png: not an image we can read"),
 ])
 def test_handler_refuses_bad_files_clearly(xray_app, tmp_path, content, message, caplog):
     path = tmp_path / "upload.png"
@@ -82,8 +83,6 @@ def test_handler_refuses_enormous_images(xray_app, tmp_path):
 def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
     """A cat photo (colour) and a gray gradient: the check flags them, so no class is called, no
     lungs outlined, no lung focus given; the probabilities only as greyed detail."""
-    from covidxr.ood import non_xray_images
-
     path = tmp_path / "input.png"
     Image.fromarray(np.asarray(dict(non_xray_images())[name]).astype("uint8")).save(path)
     label, original, overlay, summary, shown = xray_app.analyse_and_keep(str(path))
@@ -159,7 +158,16 @@ def test_method_menu_has_one_entry_per_map(xray_app):
 def test_handler_needs_a_file(xray_app):
     with pytest.raises(gr.Error, match="Upload a chest X-ray"):
         xray_app.analyse(None)
-    assert PREDICTED == "predicted class"
+
+
+def test_the_predicted_class_choice_explains_the_decided_label(xray_app, manifest_frame):
+    path = real_image(manifest_frame, "covid", "ieee8023", 1)
+    label = xray_app.predictor.predict(path).label
+    *_, summary = xray_app.analyse(str(path), "gradcam", PREDICTED)
+    assert f"evidence for **{label}**" in summary and "not for the prediction" not in summary
+    other = next(c for c in xray_app.predictor.classes if c != label)
+    *_, summary = xray_app.analyse(str(path), "gradcam", other)
+    assert f"evidence for **{other}**" in summary and "not for the prediction" in summary
 
 
 def test_model_facts_come_from_the_checkpoint(xray_app):
@@ -182,6 +190,7 @@ def test_without_examples_the_app_says_how_to_fetch_them(xray_app, tmp_path):
     assert any(FETCH_COMMAND in (text or "") for text in texts)
 
 
+@pytest.mark.app
 def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
     client = Client(served_app, verbose=False, ssl_verify=shared_ssl_context())
     example = next(p for p in sorted(examples_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -192,7 +201,7 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
     # A bad file gets a clear error naming it once, and the next good request is served.
     bad = tmp_path / "notes.png"
     bad.write_text("definitely not an X-ray")
-    with pytest.raises(Exception, match="notes.png is not an image we can read") as refused:
+    with pytest.raises(Exception, match="notes.png: not an image we can read") as refused:
         client.predict(handle_file(str(bad)), api_name="/predict")
     assert str(refused.value).count("notes.png") == 1
     label_again, *_ = client.predict(handle_file(str(example)), "eigencam", "covid", 0.5, api_name="/predict")
@@ -201,8 +210,6 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
     hires, *_ = client.predict(handle_file(str(example)), "hirescam", "predicted class", 0.4, api_name="/predict")
     assert hires == label
     # A colour photo and a document: refused, with no class name as the label.
-    from covidxr.ood import non_xray_images
-
     for name in ("skimage:coffee", "generated:document0"):
         image = tmp_path / f"{name.split(':')[1]}.png"
         Image.fromarray(dict(non_xray_images())[name]).save(image)
@@ -211,6 +218,7 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
         assert summary.startswith(f"### {NOT_AN_XRAY_HEADLINE}") and "Prediction:" not in summary
 
 
+@pytest.mark.browser
 def test_browser_one_request_per_action_and_readable_examples(served_app, examples_dir, tmp_path):
     """In Chromium: every user action sends exactly one request to the queue (the dropdown's
     `input` once sent two), a new opacity runs no analysis, and the examples' captions are whole."""
@@ -270,6 +278,7 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
     assert first_caption and (tmp_path / "app.png").stat().st_size > 10_000
 
 
+@pytest.mark.app
 def test_banner_names_the_share_flag(tmp_path, capfd, monkeypatch):
     """Gradio's own banner says "set `share=True` in `launch()`"; a user of app.py needs `--share`."""
     import socket

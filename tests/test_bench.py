@@ -1,11 +1,14 @@
-"""The benchmark command: a quick run writes its table into BENCHMARKS.md-style files."""
+"""The benchmark command (benchmarks/bench.py): its measures, and a quick run that records nothing
+unless asked."""
 
 import json
+import time
 
 import pytest
-import torch
 
-from covidxr.bench import main, model_flops, timings, write_markdown
+from benchmarks.bench import main, markdown, model_flops, timings
+from benchmarks.common import REPO, write_markdown
+from covidxr import Predictor
 from covidxr.model import build_model
 
 
@@ -16,25 +19,43 @@ def test_flops_grow_with_the_input_area():
     assert 0.5e9 < model_flops(model, 224) < 3e9  # a compact network: about a gigaflop at 224 px
 
 
-def test_timings_are_medians_of_the_runs():
-    result = timings(lambda: torch.ones(100).sum(), repeats=7, warmup=1)
-    assert result["runs"] == 7 and 0 < result["median"] <= result["p95"]
+def test_timings_are_milliseconds_after_the_warmup():
+    calls = []
+
+    def sleep_5_ms():
+        calls.append(1)
+        time.sleep(0.005)
+
+    result = timings(sleep_5_ms, repeats=7, warmup=2)
+    assert len(calls) == 9 and result["runs"] == 7  # warm-up calls run, but are not timed
+    assert 5 <= result["median"] <= result["p95"] < 100  # milliseconds, not seconds
 
 
 def test_markdown_section_is_replaced_and_notes_kept(tmp_path):
     path = tmp_path / "B.md"
     path.write_text("# Benchmarks\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\n## Notes\nkept\n")
-    write_markdown("new table", path)
+    write_markdown("new table", path, "bench")
     text = path.read_text()
     assert "new table" in text and "old" not in text and "## Notes\nkept" in text
 
 
-def test_quick_run_compares_architectures(tmp_path):
-    results = main(["--quick", "--compare", "resnet18", "--markdown", str(tmp_path / "B.md"),
-                    "--json", str(tmp_path / "r.json")])
-    assert list(results["models"]) == ["cxrnet", "resnet18"]
-    table = (tmp_path / "B.md").read_text()
-    for row in ("decode+preprocess", "predict+gradcam", "cxrnet speed-up vs resnet18", "forward GFLOPs", "Floor for"):
+@pytest.mark.slow
+def test_quick_run_compares_architectures_and_writes_nothing_by_default(tmp_path, monkeypatch):
+    recorded = {name: (REPO / name).read_bytes() for name in ("BENCHMARKS.md", "benchmarks/results.json")}
+    monkeypatch.chdir(tmp_path)
+    results = main(["--quick", "--compare", "resnet18"])
+    assert list(tmp_path.iterdir()) == []
+    assert {name: (REPO / name).read_bytes() for name in recorded} == recorded
+    shipped = Predictor.load().config["arch"]
+    assert list(results["models"]) == [shipped, "resnet18"]
+    table = markdown(results)
+    for row in ("decode+preprocess", "predict+gradcam", f"{shipped} speed-up vs resnet18", "forward GFLOPs",
+                "Floor for", "of its time"):
         assert row in table
-    stored = json.loads((tmp_path / "r.json").read_text())
-    assert stored["models"]["resnet18"]["gflops"] > stored["models"]["cxrnet"]["gflops"]
+    stored = json.loads(json.dumps(results))
+    assert stored["models"]["resnet18"]["gflops"] > stored["models"][shipped]["gflops"]
+    assert stored["models"]["resnet18"]["input_size"] == 224
+    ours = results["models"][shipped]
+    # Batched inference is faster per image than one at a time, and training slower than inference.
+    assert 1000 / ours["cpu"]["batch_images_per_s"] < 2 * ours["cpu"]["predict (network only)"]["median"]
+    assert ours["train_images_per_s_cpu"] < ours["cpu"]["batch_images_per_s"]

@@ -9,10 +9,11 @@ from safetensors.torch import save_file
 from covidxr import Predictor
 from covidxr.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from covidxr.model import build_model
+from covidxr.predictor import SHIPPED_CHECKPOINT
 
 
-def test_truncated_checkpoint_is_refused(tiny_run, tmp_path):
-    data = (tiny_run / "model.safetensors").read_bytes()
+def test_truncated_checkpoint_is_refused(tmp_path):
+    data = SHIPPED_CHECKPOINT.read_bytes()
     broken = tmp_path / "truncated.safetensors"
     broken.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated.safetensors"):
@@ -45,8 +46,8 @@ def test_weights_without_description_are_refused(tmp_path):
         read_config(path)
 
 
-def test_mismatched_weights_are_refused(tiny_run, tmp_path):
-    config = read_config(tiny_run / "model.safetensors")
+def test_mismatched_weights_are_refused(tmp_path):
+    config = read_config(SHIPPED_CHECKPOINT)
     wrong = tmp_path / "wrong.safetensors"
     save_checkpoint(wrong, build_model("resnet18", 3), config)  # says cxrnet, holds resnet18
     with pytest.raises(CheckpointError, match="do not fit architecture 'cxrnet'"):

@@ -1,4 +1,5 @@
-"""`python -m covidxr predict`: folders, CSV, heatmaps, and per-file errors."""
+"""The `covidxr` command: its sub-commands, and `covidxr predict` on folders, CSV, heatmaps and
+per-file errors."""
 
 import shutil
 import subprocess
@@ -9,7 +10,71 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, real_image
-from covidxr.__main__ import main
+from covidxr import cli
+from covidxr.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    listed = capsys.readouterr().out
+    for name in ("predict", "train", "evaluate", "audit", "segment", "ood", "bench", "serve", "examples", "data"):
+        assert f"\n  {name} " in listed, name
+
+
+@pytest.mark.parametrize("name", ["predict", "serve", "train", "evaluate", "audit", "segment", "ood", "examples",
+                                  "bench", "loadtest"])
+def test_each_command_is_its_stage_under_its_own_name(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: covidxr {name} ")
+
+
+def test_shared_options_have_one_name(capsys):
+    """--data for the data folder, --limit for "use only N", wherever a command has them."""
+    for name in ("evaluate", "audit", "segment", "ood", "bench", "loadtest"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        usage = capsys.readouterr().out
+        assert "--data" in usage and "--data-root" not in usage, name
+        assert "--max-images" not in usage, name
+    for name in ("evaluate", "audit", "segment"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert "--limit" in capsys.readouterr().out, name
+
+
+def test_unknown_commands_and_missing_modules_are_refused_clearly(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["diagnose"])
+    assert exit_.value.code == 2 and "invalid choice: 'diagnose'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "upload"])
+    assert exit_.value.code == 2 and "the action is `download`" in capsys.readouterr().err
+    monkeypatch.setitem(COMMANDS, "data", ("covidxr.no_such_module", "absent"))
+    with pytest.raises(SystemExit, match="covidxr data download: covidxr.no_such_module is not available"):
+        main(["data", "download", "--out", "x"])
+    # A stage whose own dependency is missing (the web app without the [app] extra) says which.
+    monkeypatch.setattr(cli.importlib, "import_module", lambda module: __import__("gradio_is_not_installed"))
+    with pytest.raises(SystemExit, match="covidxr serve needs the package 'gradio_is_not_installed'.*covidxr\\[app\\]"):
+        main(["serve"])
+
+
+def test_the_sub_command_gets_its_own_arguments_and_status(monkeypatch):
+    seen = []
+
+    class Stage:
+        @staticmethod
+        def main(argv):
+            seen.append((list(argv), sys.argv[0]))
+            return 3
+
+    monkeypatch.setattr(cli, "_import", lambda name, module: Stage)
+    assert main(["data", "download", "--out", "d", "--limit", "2"]) == 3
+    assert seen == [(["--out", "d", "--limit", "2"], "covidxr data download")]
+    assert sys.argv[0] != "covidxr data download"  # restored
 
 
 @pytest.fixture
@@ -51,7 +116,7 @@ def test_recursive_and_heatmaps(folder, tmp_path):
 
 
 def test_warning_column_flags_a_photo(folder, tmp_path):
-    from covidxr.ood import non_xray_images
+    from covidxr.not_xrays import non_xray_images
 
     (folder / "broken.png").unlink()
     Image.fromarray(dict(non_xray_images())["skimage:astronaut"]).save(folder / "photo.png")
@@ -62,6 +127,7 @@ def test_warning_column_flags_a_photo(folder, tmp_path):
     assert table.loc[str(folder / "a.jpeg"), "warning"] == ""
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs(folder):
     result = subprocess.run([sys.executable, "-m", "covidxr", "predict", str(folder / "a.jpeg")],
                             cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -169,3 +169,38 @@ def test_bytes_buffer_via_pil():
     Image.fromarray(gradient()).save(buffer, format="PNG")
     buffer.seek(0)
     assert load_grayscale(Image.open(buffer)).shape == (60, 40)
+
+
+def test_image_cache_follows_the_files_content(tmp_path):
+    """An image edited in place is decoded again, not served stale from the cache."""
+    from covidxr.data import prepare_all
+
+    paths = [save(Image.fromarray(gradient()), tmp_path / "a.png"), save(Image.fromarray(gradient()[::-1]), tmp_path / "b.png")]
+    cache = tmp_path / "cache"
+    first = prepare_all([str(p) for p in paths], 16, cache_dir=cache)
+    assert len(list(cache.glob("images-*.npy"))) == 1
+    assert torch.equal(prepare_all([str(p) for p in paths], 16, cache_dir=cache), first)  # a hit
+    save(Image.fromarray(gradient()[:, ::-1].T.copy()), paths[0])  # same name, other pixels
+    edited = prepare_all([str(p) for p in paths], 16, cache_dir=cache)
+    assert torch.equal(edited[0], prepare(paths[0], 16)) and not torch.equal(edited[0], first[0])
+    assert torch.equal(edited[1], first[1])
+    assert len(list(cache.glob("images-*.npy"))) == 2
+
+
+def test_one_definition_of_the_data_folder(tmp_path, monkeypatch):
+    from covidxr import data
+
+    monkeypatch.delenv("COVIDXR_DATA", raising=False)
+    # In a checkout: ../shared/data/cxr beside it, wherever the command runs from.
+    monkeypatch.chdir(tmp_path)
+    assert data.data_dir() == Path(data.__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+    # Installed (no checkout around the package): ../shared/data/cxr from the working folder.
+    installed = tmp_path / "venv" / "site-packages" / "covidxr" / "data.py"
+    installed.parent.mkdir(parents=True)
+    monkeypatch.setattr(data, "__file__", str(installed))
+    (tmp_path / "clone").mkdir()
+    monkeypatch.chdir(tmp_path / "clone")
+    assert data.data_dir() == tmp_path / "shared" / "data" / "cxr"
+    monkeypatch.setenv("COVIDXR_DATA", str(tmp_path / "env"))
+    assert data.data_dir() == tmp_path / "env"
+    assert data.data_dir(tmp_path / "given") == tmp_path / "given"  # --data wins over the variable

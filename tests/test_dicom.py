@@ -7,7 +7,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import real_image
-from covidxr import Predictor
 from covidxr.data import ImageLoadError, load_grayscale
 
 DIGITAL_XRAY = "1.2.840.10008.5.1.4.1.1.1.1"  # DX Image Storage, for presentation
@@ -41,11 +40,6 @@ def write_dicom(path, pixels: np.ndarray, bits_stored: int, photometric: str = "
 def xray(manifest_frame):
     path = real_image(manifest_frame, "covid", "ieee8023", 5)
     return path, np.asarray(Image.open(path).convert("L"), dtype=np.uint16)
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    return Predictor.load()
 
 
 @pytest.mark.parametrize("variant", ["mono2-12bit", "mono2-16bit", "mono1-12bit", "rescaled", "windowed"])

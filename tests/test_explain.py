@@ -12,16 +12,13 @@ from covidxr.explain import METHODS
 
 
 @pytest.fixture(scope="module")
-def predictor():
-    return Predictor.load()
-
-
-@pytest.fixture(scope="module")
 def covid_xray(manifest_frame):
     return real_image(manifest_frame, "covid", "ieee8023", 3)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# Score-CAM runs the network once per activation channel: seconds, not milliseconds.
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "scorecam" else m
+                                    for m in sorted(METHODS)])
 def test_every_method_gives_a_heatmap_at_image_size(predictor, covid_xray, method):
     width, height = Image.open(covid_xray).size
     explanation = predictor.explain(covid_xray, method=method)
@@ -82,6 +79,7 @@ def test_bad_requests_are_refused(predictor, covid_xray):
         predictor.explain(covid_xray, target="flu")
 
 
+@pytest.mark.slow
 def test_cams_are_reused_and_memory_stays_flat(predictor, manifest_frame):
     image = np.asarray(Image.open(real_image(manifest_frame, "normal", "nih14")))
     for _ in range(5):  # warm-up: allocator pools, the CAM objects themselves
@@ -100,7 +98,7 @@ def test_cams_are_reused_and_memory_stays_flat(predictor, manifest_frame):
 
 
 @pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam"])
-def test_frozen_explainer_gives_the_plain_library_map(method, manifest_frame):
+def test_frozen_explainer_gives_the_plain_library_map(method, manifest_frame, predictor):
     """The explainer freezes the weights and starts the graph at the CAM layer; the map must equal
     pytorch-grad-cam's own, on the untouched network."""
     import copy
@@ -110,7 +108,6 @@ def test_frozen_explainer_gives_the_plain_library_map(method, manifest_frame):
     from covidxr.data import load_grayscale
     from covidxr.framing import to_image_frame
 
-    predictor = Predictor.load()
     gray = load_grayscale(real_image(manifest_frame, "covid", "ieee8023", 2))
     ours = predictor.explain(gray, method=method, target="covid")
     model = copy.deepcopy(predictor.model)
@@ -122,15 +119,14 @@ def test_frozen_explainer_gives_the_plain_library_map(method, manifest_frame):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121", "efficientnet_b0"])
-def test_every_architecture_can_be_explained(arch):
+def test_every_architecture_can_be_explained(arch, predictor):
     """In-place layers after the CAM layer (densenet's final ReLU) must not break the frozen explainer."""
     from covidxr.model import build_model, gradcam_layer_name
 
-    shipped = Predictor.load()
-    config = dict(shipped.config, arch=arch, gradcam_layer=gradcam_layer_name(arch), input_size=64)
-    predictor = Predictor(build_model(arch, 3), config, "cpu")
-    predictor.lungs_checkpoint = False
-    explanation = predictor.explain(np.random.default_rng(0).random((80, 70)).astype(np.float32))
+    config = dict(predictor.config, arch=arch, gradcam_layer=gradcam_layer_name(arch), input_size=64)
+    untrained = Predictor(build_model(arch, 3), config, "cpu")
+    untrained.lungs_checkpoint = False
+    explanation = untrained.explain(np.random.default_rng(0).random((80, 70)).astype(np.float32))
     assert explanation.heatmap.shape == (80, 70) and np.isfinite(explanation.heatmap).all()
     assert explanation.lung_focus is None
 
@@ -152,7 +148,7 @@ def test_lung_mask_and_overlay_are_computed_when_first_read(predictor, covid_xra
 def adult_normal_and_photo(manifest_frame, tmp_path_factory):
     """The adult-normal example (on which Score-CAM once warned "not a chest X-ray") and a photo."""
     from covidxr.examples import read_examples
-    from covidxr.ood import non_xray_images
+    from covidxr.not_xrays import non_xray_images
 
     example = read_examples().set_index("file_name").loc["00003150_000.png"]
     xray = DATA_DIR / manifest_frame.set_index("sha256").loc[example["sha256"], "filename"]
@@ -161,7 +157,8 @@ def adult_normal_and_photo(manifest_frame, tmp_path_factory):
     return xray, photo
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "scorecam" else m
+                                    for m in sorted(METHODS)])
 def test_every_method_warns_exactly_as_predict(predictor, adult_normal_and_photo, method):
     """Gradient-free Score-CAM runs many masked forward passes: its warnings, label and
     probabilities must still be those of the image itself, as `predict` gives them."""

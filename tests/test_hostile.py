@@ -33,7 +33,7 @@ from pydicom.tag import Tag
 
 from conftest import REPO, real_image
 from covidxr.data import ImageLoadError, load_grayscale
-from covidxr.loadtest import shared_ssl_context
+from benchmarks.common import shared_ssl_context
 from test_dicom import write_dicom
 
 # What a refused file may cost: the bound is 1 GB and 5 s for the 65000² bomb; these are

@@ -32,9 +32,6 @@ def test_folding_keeps_the_outputs_and_the_cam_layer(arch):
     folded.get_submodule(gradcam_layer_name(arch))  # still there by name, for the CAM hooks
 
 
-def test_shipped_models_load_folded():
-    from covidxr import Predictor
-
-    predictor = Predictor.load()
+def test_shipped_models_load_folded(predictor):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.segmenter.model.modules())

@@ -6,9 +6,8 @@ import pytest
 from PIL import Image
 
 from conftest import DATA_DIR, MANIFEST, real_image
-from covidxr import Predictor
 from covidxr.checkpoint import read_config
-from covidxr.segment import SHIPPED_LUNGS, LungSegmenter, dice_iou, evidence_shares, main
+from covidxr.segment import SHIPPED_LUNGS, LungSegmenter, build_parser, dice_iou, evidence_shares, main
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +57,15 @@ def test_checkpoint_describes_itself():
     assert config["metrics"]["images"] > 0
 
 
+def test_default_options_retrain_the_shipped_lung_model():
+    """`covidxr segment` with no options trains what was shipped: same input size and recipe."""
+    config = read_config(SHIPPED_LUNGS)
+    defaults = build_parser().parse_args([])
+    assert defaults.input_size == config["input_size"] == 128
+    for key in ("epochs", "lr", "batch_size", "seed"):
+        assert getattr(defaults, key) == config["training"][key], key
+
+
 def test_evidence_shares():
     mask = np.zeros((100, 80), bool)
     mask[30:90, 15:65] = True
@@ -72,8 +80,7 @@ def test_evidence_shares():
     assert evidence_shares(np.zeros((10, 10)), mask[:10, :10])["lung_focus"] == 0.0
 
 
-def test_predictor_segments_and_explanations_carry_lung_focus(manifest_frame):
-    predictor = Predictor.load()
+def test_predictor_segments_and_explanations_carry_lung_focus(manifest_frame, predictor):
     path = real_image(manifest_frame, "covid", "ieee8023", 4)
     assert predictor.segment_lungs(path).shape == np.asarray(Image.open(path).convert("L")).shape
     explanation = predictor.explain(path)
@@ -83,12 +90,19 @@ def test_predictor_segments_and_explanations_carry_lung_focus(manifest_frame):
     assert explanation.lung_focus == pytest.approx(expected)
 
 
-def test_tiny_training_run_and_contact_sheet(tmp_path):
+@pytest.mark.slow
+def test_tiny_training_run_and_contact_sheet(tmp_path, monkeypatch):
     out = tmp_path / "lungs"
-    main(["--manifest", str(MANIFEST), "--out", str(out), "--input-size", "64", "--epochs", "1",
-          "--max-images", "12", "--batch-size", "4"])
+    monkeypatch.chdir(tmp_path)
+    main(["--data", str(DATA_DIR), "--out", str(out), "--input-size", "64", "--epochs", "1",
+          "--limit", "12", "--batch-size", "4"])
     trained = LungSegmenter.load(out / "lungs.safetensors")
-    assert trained.config["input_size"] == 64 and 0 <= trained.config["metrics"]["dice_mean"] <= 1
+    assert trained.config["input_size"] == 64
+    scores = pd.read_csv(out / "test_scores.csv")
+    assert trained.config["metrics"]["dice_mean"] == pytest.approx(scores["dice"].mean())
+    # What the checkpoint records of its data is relative: it names no folder of this machine.
+    manifest = trained.config["data"]["manifest"]
+    assert not manifest.startswith("/") and (tmp_path / manifest).resolve() == MANIFEST.resolve()
     split = pd.read_csv(out / "split.csv")
     assert split.groupby("patient_id")["split"].nunique().max() == 1
     sheet = main(["--sheet", "--manifest", str(MANIFEST), "--out", str(tmp_path / "sheet")])

@@ -42,6 +42,7 @@ def test_unmapped_labels_are_evaluation_only(split_frame):
     assert (split_frame.loc[split_frame["label"] == "sars", "split"] == "eval_only").all()
 
 
+@pytest.mark.slow  # three splits of the whole manifest
 def test_same_seed_same_split_other_seed_other_split():
     frame = select(read_manifest(MANIFEST), {}, parse_label_map([], CLASSES))
     first = split_by_patient(frame, seed=3)["split"]

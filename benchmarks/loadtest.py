@@ -1,6 +1,6 @@
 """Load test: launch the app as a user would, hit it with concurrent gradio_client clients.
 
-    python -m covidxr.loadtest --clients 16 --requests 208 --markdown BENCHMARKS.md
+    covidxr loadtest --clients 16 --requests 208 --markdown BENCHMARKS.md
 
 Reports latency per request (median, p95, max, as each client sees it: upload, queue, predict,
 Grad-CAM, overlay download), errors (there should be none), throughput, and the server's
@@ -12,85 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import ssl
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-import psutil
 from tqdm.auto import tqdm
 
-from .data import DATA_DIR
+from covidxr.data import data_dir
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_ssl_context() -> ssl.SSLContext:
-    """One TLS context for every request a gradio_client makes. The client opens a new httpx
-    connection per request (upload, join, event stream, each download), and each one would
-    otherwise build its own context from the CA bundle: 70-80 ms here, five times a call
-    (the fix suggested in ogx-ai/ogx#4221; see gradio-app/gradio#7890). Certificates are
-    still verified. Pass it as `Client(url, ssl_verify=shared_ssl_context())`."""
-    return ssl.create_default_context()
-
-
-class AppProcess:
-    """`python app.py` in its own process on a free local port; a context manager."""
-
-    def __init__(self, examples_dir: Path | None = None, log: Path | None = None, checkpoint: str | None = None,
-                 start_timeout: float = 180, environment: dict[str, str] | None = None):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/"
-        command = [sys.executable, "app.py", "--port", str(self.port)]
-        if examples_dir:
-            command += ["--examples-dir", str(examples_dir)]
-        if checkpoint:
-            command += ["--checkpoint", str(checkpoint)]
-        # Output to a file: an unread pipe fills up and blocks the server.
-        self.log = Path(log) if log else Path(os.devnull)
-        self._log_handle = open(self.log, "w")
-        self.process = subprocess.Popen(
-            command, cwd=REPO, stdout=self._log_handle, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(environment or {})})
-        self._wait_until_up(start_timeout)
-
-    def _wait_until_up(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"app exited early (log: {self.log})")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        self.close()
-        raise RuntimeError(f"app did not answer within {timeout:.0f} s")
-
-    def rss_mb(self) -> float:
-        return psutil.Process(self.process.pid).memory_info().rss / 2**20
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self._log_handle.close()
-
-    def __enter__(self) -> "AppProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+from .common import AppProcess, default_images, machine, shared_ssl_context, write_markdown
 
 
 def run_load(url: str, images: list[Path], clients: int, requests: int, method: str = "gradcam",
@@ -159,27 +90,8 @@ def load_test(images: list[Path], clients: int, requests: int, method: str = "gr
                            "after_round_2": rss_after_second,
                            "growth_round_2": rss_after_second - rss_after}
     result["answers_afterwards"] = alive["ok"] == 1
-    result["cpu"] = {"cores": os.cpu_count(), "machine": _machine()}
+    result["cpu"] = {"cores": os.cpu_count(), "machine": machine()["cpu"]}
     return result
-
-
-def _machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def default_images(data_dir: Path, count: int = 16) -> list[Path]:
-    """Real X-rays from the shared data, a few per source (decoding costs differ by source)."""
-    import pandas as pd
-
-    manifest = pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
-    rows = manifest.groupby("source_dataset").head(max(1, count // manifest["source_dataset"].nunique() + 1))
-    return [data_dir / name for name in rows["filename"]][:count]
 
 
 def markdown(result: dict) -> str:
@@ -207,20 +119,19 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m covidxr.loadtest", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=208, help="per round (two rounds are run)")
     parser.add_argument("--method", default="gradcam")
-    parser.add_argument("--data", type=Path, default=DATA_DIR)
-    parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data folder for the X-rays sent (default: $COVIDXR_DATA, else ../shared/data/cxr)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--markdown", type=Path, default=None,
-                        help="update this file's loadtest section (e.g. BENCHMARKS.md)")
+                        help="also update this file's loadtest section (e.g. BENCHMARKS.md)")
     args = parser.parse_args(argv)
-    result = load_test(default_images(args.data), args.clients, args.requests, args.method)
+    result = load_test(default_images(data_dir(args.data)), args.clients, args.requests, args.method)
     print(markdown(result))
     if args.markdown:
-        from .bench import write_markdown
-
         write_markdown(markdown(result), args.markdown, "loadtest")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Benchmark: what each step costs, for the shipped model and for two well-known architectures.
 
-    python -m covidxr.bench                # prints the table, updates BENCHMARKS.md
-    python -m covidxr.bench --quick        # fewer repeats (a smoke run)
+    covidxr bench                          # prints the table (or: python -m benchmarks.bench)
+    covidxr bench --markdown BENCHMARKS.md --json benchmarks/results.json   # and records it
+    covidxr bench --quick                  # fewer repeats (a smoke run)
 
 Every figure is a median (and p95) over repeated runs after warm-up, in one process, so the
 ratios between architectures are fair even on a noisy machine. densenet121 (the architecture
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import statistics
 import time
@@ -27,12 +26,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .data import DATA_DIR, load_image, prepare
-from .explain import METHODS
-from .model import build_model, count_parameters, fold_batch_norms, gradcam_layer_name
-from .predictor import Predictor
+from covidxr.data import data_dir, load_image
+from covidxr.framing import WHOLE_IMAGE
+from covidxr.explain import METHODS
+from covidxr.model import build_model, count_parameters, fold_batch_norms, gradcam_layer_name
+from covidxr.predictor import Predictor
 
-REPO = Path(__file__).resolve().parents[1]
+from .common import AppProcess, default_images, machine, shared_ssl_context, write_markdown
+
 COMPARED = ("densenet121", "resnet18")
 
 
@@ -64,29 +65,32 @@ def cpu_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 
 def pipeline(predictor: Predictor, paths: list[Path], repeats: int, methods: list[str], batch_size: int = 32) -> dict:
-    """Per-image costs of decode+preprocess, predict and predict+CAM, over real X-rays."""
-    size = predictor.config["input_size"]
-    prepared = [prepare(load_image(path)[0], size) for path in paths]
-    # The explainer's input at model size, so these rows time the network and the CAM,
-    # not the full-resolution overlay (timed on its own below).
-    small = [p[0].float().numpy() / 255 for p in prepared]
+    """Per-image costs of decode+preprocess, predict and predict+CAM, over real X-rays.
+
+    Preprocessing is the model's own (`Predictor.prepare`): for a lung-reading checkpoint it
+    includes the lung U-Net that finds the box to crop (framing.py), so every row below that
+    starts from the image pays for the segmentation too."""
+    grays = [load_image(path)[0] for path in paths]
+    prepared = [predictor.prepare(gray) for gray in grays]
     cycle = iter(range(10**9))
 
     def pick(items):
         return items[next(cycle) % len(items)]
 
     result = {
-        "decode+preprocess": timings(lambda: prepare(load_image(pick(paths))[0], size), repeats),
-        "predict": timings(lambda: predictor.probabilities_and_features(pick(prepared)[None]), repeats),
+        "decode+preprocess": timings(lambda: predictor.prepare(load_image(pick(paths))[0]), repeats),
+        "predict (network only)": timings(lambda: predictor.probabilities_and_features(pick(prepared)[None]),
+                                          repeats),
+        "predict (decoded image to label)": timings(lambda: predictor.predict(pick(grays)), repeats),
     }
-    # The CAM rows: prediction and map only (an Explanation computes its lung mask and overlay
-    # when they are first read; those are timed below).
+    # The CAM rows: from the decoded image to the label and the map on the image (an Explanation
+    # computes its lung outline and overlay when they are first read; those are timed below).
     for method in methods:
         runs = max(3, repeats // 10) if method == "scorecam" else repeats
-        result[f"predict+{method}"] = timings(lambda: predictor.explain(pick(small), method=method).heatmap, runs)
+        result[f"predict+{method}"] = timings(lambda: predictor.explain(pick(grays), method=method).heatmap, runs)
     segmenter = predictor.segmenter
     if segmenter is not None:
-        result["lung mask (U-Net) for lung focus"] = timings(lambda: segmenter.segment(pick(small)), repeats)
+        result["lung mask (U-Net)"] = timings(lambda: segmenter.segment(pick(grays)), repeats)
 
     def everything(explanation):
         return explanation.overlay, explanation.lung_focus
@@ -122,8 +126,6 @@ def training_throughput(arch: str, size: int, batch_size: int, steps: int, devic
 def app_round_trip(paths: list[Path], repeats: int) -> dict:
     """Upload, predict, Grad-CAM and the overlay back, through the launched app."""
     from gradio_client import Client, handle_file
-
-    from .loadtest import AppProcess, shared_ssl_context
 
     # Gradio's own profiler (GRADIO_PROFILING) times each request's phases inside the server.
     with AppProcess(environment={"GRADIO_PROFILING": "1"}) as app:
@@ -169,50 +171,37 @@ def _peak_rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def sample_paths(count: int) -> list[Path]:
-    from .loadtest import default_images
-
-    return default_images(DATA_DIR, count)
-
-
 def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], compared=COMPARED,
-        batch_size: int = 32) -> dict:
+        batch_size: int = 32, data: Path | None = None, checkpoint: Path | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shipped = Predictor.load(device="cpu")
+    shipped = Predictor.load(checkpoint, device="cpu")
     size = shipped.config["input_size"]
-    paths = sample_paths(10)
+    paths = default_images(data_dir(data), 10)
     results = {"machine": machine(), "input_size": size, "batch_size": batch_size, "models": {}}
     candidates = {shipped.config["arch"]: shipped}
     for arch in compared:
-        config = dict(shipped.config, arch=arch, gradcam_layer=gradcam_layer_name(arch))
+        # The usual way to run them: the whole image at 224 px, no lung model before them.
+        config = dict(shipped.config, arch=arch, gradcam_layer=gradcam_layer_name(arch), framing=WHOLE_IMAGE,
+                      input_size=224)
         # Folded like the shipped model's (Predictor.load), so the comparison is like for like.
         candidates[arch] = Predictor(fold_batch_norms(build_model(arch, len(shipped.classes))), config, "cpu")
     for arch, predictor in tqdm(candidates.items(), desc="benchmark", unit="model"):
         cpu_model = build_model(arch, len(shipped.classes))
-        entry = {"parameters": count_parameters(cpu_model), "gflops": model_flops(cpu_model, size) / 1e9}
+        input_size = predictor.config["input_size"]
+        entry = {"parameters": count_parameters(cpu_model), "gflops": model_flops(cpu_model, input_size) / 1e9,
+                 "input_size": input_size}
         entry["cpu"] = pipeline(predictor, paths, repeats, methods if arch == shipped.config["arch"] else ["gradcam"],
                                 batch_size)
-        entry["train_images_per_s_cpu"] = training_throughput(arch, size, batch_size, train_steps, torch.device("cpu"))
+        entry["train_images_per_s_cpu"] = training_throughput(arch, input_size, batch_size, train_steps,
+                                                              torch.device("cpu"))
         if device.type == "cuda":
-            entry["train_images_per_s_gpu"] = training_throughput(arch, size, batch_size, 3 * train_steps, device)
+            entry["train_images_per_s_gpu"] = training_throughput(arch, input_size, batch_size, 3 * train_steps,
+                                                                  device)
         results["models"][arch] = entry
     if with_app:
         results["app_round_trip"] = app_round_trip(paths, max(10, repeats))
     results["cpu_gflops"] = cpu_gflops()
     return results
-
-
-def machine() -> dict:
-    name = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def markdown(results: dict) -> str:
@@ -255,13 +244,18 @@ def markdown(results: dict) -> str:
                      + " | ".join(f"{models[a]['train_images_per_s_gpu']:.0f}" for a in models) + " | |")
     # The floor: FLOPs over the CPU ceiling. Backward costs about twice the forward.
     floor_forward = head["gflops"] / results["cpu_gflops"] * 1000
-    predict = head["cpu"]["predict"]["median"]
+    predict = head["cpu"]["predict (network only)"]["median"]
     cam = head["cpu"]["predict+gradcam"]["median"]
+    sizes = ", ".join(f"{a} {models[a]['input_size']} px" for a in models)
+    lines += ["", f"Inputs: {sizes}; the compared networks read the whole image, as they usually do, with no "
+              f"lung model before them; the shipped one's rows from a decoded image include its lung U-Net."]
+    for arch in list(models)[1:]:
+        theirs = models[arch]["cpu"]["predict+gradcam"]["median"]
+        lines.append(f"Predict + Grad-CAM, {shipped} (segmentation included) against {arch} with pytorch-grad-cam: "
+                     f"{cam:.1f} against {theirs:.1f} ms, {cam / theirs:.2f} of its time.")
     lines += ["", f"Floor for {shipped}: {head['gflops']:.2f} GFLOPs per forward pass / "
-              f"{results['cpu_gflops']:.0f} GFLOP/s = {floor_forward:.1f} ms. Predict takes {predict:.1f} ms "
-              f"({predict / floor_forward:.1f}x the floor). Predict + Grad-CAM is one forward pass plus a backward "
-              f"through the pooling and last linear layer only (the explainer starts the graph at the CAM layer), so "
-              f"its floor is the forward's too: it takes {cam:.1f} ms ({cam / floor_forward:.1f}x). Batched inference "
+              f"{results['cpu_gflops']:.0f} GFLOP/s = {floor_forward:.1f} ms. The network alone takes {predict:.1f} ms "
+              f"({predict / floor_forward:.1f}x the floor). Batched inference "
               f"reaches {head['cpu']['batch_images_per_s']:.0f} images/s, {1000 / head['cpu']['batch_images_per_s']:.1f} ms "
               f"per image ({1000 / head['cpu']['batch_images_per_s'] / floor_forward:.1f}x the floor)."]
     if "app_round_trip" in results:
@@ -283,37 +277,34 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(section: str, path: Path, marker: str = "bench") -> None:
-    """Replace one generated part of BENCHMARKS.md (between <!-- marker:start --> and
-    <!-- marker:end -->), keeping the hand-written text around it."""
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1] if end in rest else ""
-    path.write_text(f"{before}{start}\n{section}\n{end}{after}")
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m covidxr.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="few repeats, small batches, no app, Grad-CAM only")
     parser.add_argument("--compare", nargs="*", default=list(COMPARED), help="architectures run beside the shipped one")
     parser.add_argument("--no-app", action="store_true", help="skip the app round trip")
-    parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="benchmark this classifier instead of the shipped one (the app round trip always "
+                             "serves the shipped one)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data folder for the sample X-rays (default: $COVIDXR_DATA, else ../shared/data/cxr)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="also update this file's generated section (e.g. BENCHMARKS.md)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     methods, batch_size = sorted(METHODS), 32
     if args.quick:
         args.repeats, args.train_steps, args.no_app, methods, batch_size = 3, 1, True, ["gradcam"], 4
-    results = run(args.repeats, args.train_steps, not args.no_app, methods, args.compare, batch_size)
+    results = run(args.repeats, args.train_steps, not args.no_app, methods, args.compare, batch_size, args.data,
+                  args.checkpoint)
     section = markdown(results)
     print(section)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    write_markdown(section, args.markdown)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        write_markdown(section, args.markdown, "bench")
     return results
 
 
