@@ -12,7 +12,7 @@ On those out-of-fold probabilities this module
    diagram), and writes temperature and threshold into the checkpoint's description, where
    `Predictor`, the command line and the app read them.
 
-    python -m covidxr.calibration --folds-dir runs/kfold --checkpoint runs/final/model.safetensors \
+    covidxr calibrate --folds-dir runs/kfold --checkpoint runs/final/model.safetensors \
         --out runs/final/calibration
 """
 
@@ -160,7 +160,7 @@ def stamp(checkpoint: str | Path, result: dict, folds_dir: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m covidxr.calibration", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="covidxr calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds-dir", required=True, help="folder whose sub-folders are the fold runs")
     parser.add_argument("--checkpoint", help="write temperature and threshold into this checkpoint")
     parser.add_argument("--target-sensitivity", type=float, default=TARGET_SENSITIVITY)

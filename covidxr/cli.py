@@ -24,6 +24,7 @@ COMMANDS = {
     "predict": ("covidxr.batch", "predict image and DICOM files and folders; CSV and heatmaps"),
     "serve": ("covidxr.serve", "the web app (Gradio): upload an X-ray, see the label and the heatmap"),
     "train": ("covidxr.training", "train a classifier; writes a run folder"),
+    "calibrate": ("covidxr.calibration", "temperature and COVID threshold from k-fold out-of-fold probabilities"),
     "evaluate": ("covidxr.evaluate", "metrics with confidence intervals, per age group and source"),
     "audit": ("covidxr.audit", "shortcut audit: how much of each heatmap lies on the lungs"),
     "segment": ("covidxr.segment", "train the lung U-Net, or draw its masks on a contact sheet"),

@@ -23,8 +23,8 @@ def test_help_lists_every_command(capsys):
         assert f"\n  {name} " in listed, name
 
 
-@pytest.mark.parametrize("name", ["predict", "serve", "train", "evaluate", "audit", "segment", "ood", "examples",
-                                  "bench", "loadtest"])
+@pytest.mark.parametrize("name", ["predict", "serve", "train", "calibrate", "evaluate", "audit", "segment", "ood",
+                                  "examples", "bench", "loadtest"])
 def test_each_command_is_its_stage_under_its_own_name(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([name, "--help"])
@@ -34,13 +34,13 @@ def test_each_command_is_its_stage_under_its_own_name(name, capsys):
 
 def test_shared_options_have_one_name(capsys):
     """--data for the data folder, --limit for "use only N", wherever a command has them."""
-    for name in ("evaluate", "audit", "segment", "ood", "bench", "loadtest"):
+    for name in ("train", "evaluate", "audit", "segment", "ood", "bench", "loadtest"):
         with pytest.raises(SystemExit):
             main([name, "--help"])
         usage = capsys.readouterr().out
         assert "--data" in usage and "--data-root" not in usage, name
         assert "--max-images" not in usage, name
-    for name in ("evaluate", "audit", "segment"):
+    for name in ("train", "evaluate", "audit", "segment"):
         with pytest.raises(SystemExit):
             main([name, "--help"])
         assert "--limit" in capsys.readouterr().out, name
