@@ -1,21 +1,31 @@
 """The Gradio app: its handler called directly, the launched app through gradio_client, and a
 real browser counting the requests each action sends."""
 
+import time
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pytest
+from conftest import real_image
 from gradio_client import Client, handle_file
 from PIL import Image
 
 from benchmarks.common import shared_ssl_context
-from conftest import real_image
 from covidxr import Predictor
 from covidxr.examples import FETCH_COMMAND
 from covidxr.not_xrays import non_xray_images
-from covidxr.serve import (DEFAULT_NOTICE, DISPLAY_SIDE, NOT_AN_XRAY, NOT_AN_XRAY_HEADLINE, PREDICTED, XrayApp,
-                           method_choices, model_facts, notice_facts)
+from covidxr.serve import (
+    DEFAULT_NOTICE,
+    DISPLAY_SIDE,
+    NOT_AN_XRAY,
+    NOT_AN_XRAY_HEADLINE,
+    PREDICTED,
+    XrayApp,
+    method_choices,
+    model_facts,
+    notice_facts,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -128,8 +138,8 @@ def test_opacity_reblends_the_kept_map_without_a_forward_pass(xray_app, manifest
 def test_lungs_outside_notice_follows_the_checkpoint_rule(xray_app, manifest_frame, tmp_path):
     """The notice fires below the checkpoint's threshold, for the map its threshold was measured
     on (Grad-CAM and its twins, the predicted class); the About panel states the rule."""
-    config = xray_app.predictor.config
-    assert "lung_focus_notice" not in config and "a default" in notice_facts(config)
+    config = {k: v for k, v in xray_app.predictor.config.items() if k != "lung_focus_notice"}
+    assert "a default" in notice_facts(config)  # a checkpoint that has not measured its own
     path = real_image(manifest_frame, "normal", "nih14")
     explanation = xray_app.predictor.explain(path)
     focus = explanation.lung_focus
@@ -251,7 +261,12 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
         summary = page.locator("#summary")
         rows = page.locator("#examples tbody tr")
         rows.first.wait_for(timeout=30_000)
+        # The table can appear a moment before its cells are filled (seen once in a full-suite run).
+        deadline = time.monotonic() + 30
         captions = rows.locator("td:nth-child(2)").all_inner_texts()
+        while not all(caption.strip() for caption in captions) and time.monotonic() < deadline:
+            page.wait_for_timeout(250)
+            captions = rows.locator("td:nth-child(2)").all_inner_texts()
         missed = read_examples().set_index("file_name").loc["covid-19-pneumonia-22-day1-pa.png", "caption"]
         assert len(captions) == len(read_examples()) and any(missed in caption for caption in captions)
         assert not any(caption.rstrip().endswith("...") for caption in captions), captions
