@@ -305,6 +305,7 @@ def test_an_interrupted_run_is_resumed(mirror, tmp_path, capsys):
     assert len(pd.read_csv(out / "manifest.csv")) == 6
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast layer
 def test_workers_fetch_in_parallel(mirror, tmp_path):
     served, url, state = mirror
     manifest = build_manifest(tmp_path, served)
@@ -458,6 +459,7 @@ def shared_images(manifest_frame, image_format: str, smaller_than: int | None = 
     return found
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast layer
 def test_reducing_a_png_reproduces_the_shared_file_byte_for_byte(manifest_frame):
     # PNG is lossless: a shared PNG under 640 px holds its original's pixels, so reducing it must
     # give back the same bytes if the encoder settings are the same. At 640 px the same holds

@@ -195,6 +195,7 @@ for path in sys.argv[2:]:
 """
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast layer
 def test_files_whose_headers_lie_are_refused_before_decoding(bombs, manifest_frame):
     """All in one fresh process: its peak RSS may only grow by MAX_GROWTH_MB over all of them."""
     xray = real_image(manifest_frame, "normal", "nih14")
@@ -502,6 +503,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast layer
 def test_login_public_url_and_private_temp_folder(tmp_path, monkeypatch, manifest_frame):
     """`--auth` asks for a login; with `--public-url`, result URLs ignore the request's Host."""
     from covidxr.serve import launch, read_auth

@@ -134,6 +134,7 @@ def _third_party(folder: str) -> dict[str, dict[str, set[str]]]:
     return result
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast layer
 def test_every_import_is_a_declared_dependency():
     runtime = {_distribution(r) for r in PYPROJECT["project"]["dependencies"]}
     extras = PYPROJECT["project"]["optional-dependencies"]
