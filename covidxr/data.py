@@ -24,7 +24,6 @@ from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
 
 from .codestreams import HUFFMAN_DCT_MARKERS, CodestreamError, jpeg_header
 from .dicom import is_dicom, read_dicom
@@ -51,8 +50,6 @@ DATA_DIR = data_dir()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # The largest digital radiographs are about 4300 x 4300 (18.5 MP); anything far beyond is refused.
 MAX_PIXELS = 64_000_000
-# Bumped whenever `prepare` changes what it outputs: it keys the on-disk image cache.
-PREPROCESSING_VERSION = "v1"
 
 
 class ImageLoadError(ValueError):
@@ -451,25 +448,6 @@ def check_split(frame: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------------------------
 # Tensors for training
 # --------------------------------------------------------------------------------------------
-
-def prepare_all(paths: list[str], size: int, equalize: bool = False, cache_dir: str | Path | None = None,
-                description: str = "decoding") -> torch.Tensor:
-    """Decode and prepare every image once: (N, 1, size, size) uint8, cached on disk by content."""
-    cache_file = None
-    if cache_dir:
-        # Keyed by the files' bytes, not their names: an image edited in place gets a new entry.
-        key = hashlib.sha256(f"{PREPROCESSING_VERSION}|{size}|{equalize}".encode())
-        for path in paths:
-            key.update(hashlib.sha256(Path(path).read_bytes()).digest())
-        cache_file = Path(cache_dir) / f"images-{key.hexdigest()[:20]}.npy"
-    if cache_file and cache_file.exists():
-        return torch.from_numpy(np.load(cache_file))
-    images = torch.stack([prepare(p, size, equalize) for p in tqdm(paths, desc=description, unit="img")])
-    if cache_file:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache_file, images.numpy())
-    return images
-
 
 def training_augmentation(rotation: float = 10.0, brightness: float = 0.3, contrast: float = 0.3,
                           erase_probability: float = 0.25, hide_shortcuts: bool = False) -> v2.Compose:

@@ -30,8 +30,8 @@ from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Laye
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from .framing import Framing, to_image_frame
 from .data import load_image
+from .framing import Framing, to_image_frame
 from .model import CAM_HEADS, gradcam_layer_name
 from .ood import FeatureHook
 

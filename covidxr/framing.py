@@ -30,10 +30,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .data import load_grayscale
+from .data import load_grayscale, prepare
 
 WHOLE_IMAGE = {"method": "whole"}
 LUNG_CROP = {"method": "lung_crop", "margin": 0.08, "dilation": 0.04, "outside": 1.0, "min_lung_area": 0.03}
@@ -99,13 +98,9 @@ def model_view(gray: np.ndarray, framing: Framing, recipe: dict | None, size: in
     outside = (recipe or {}).get("outside", 1.0)
     if outside < 1.0 and framing.lungs_found:
         crop = np.where(allowed_region(framing, recipe), crop, crop * outside)
-    low, high = float(crop.min()), float(crop.max())
-    # The crop's own range: a bright shoulder or a black border cut away no longer sets the contrast.
-    crop = (crop - low) / (high - low) if high > low else np.zeros_like(crop)
-    resized = TF.resize(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None], [size, size],
-                        antialias=True)
-    as_uint8 = (resized.clamp(0, 1) * 255).round().to(torch.uint8)
-    return TF.equalize(as_uint8) if equalize else as_uint8
+    # `prepare` stretches the crop to its own range: a bright shoulder or a black border cut away
+    # no longer sets the contrast.
+    return prepare(np.ascontiguousarray(crop), size, equalize)
 
 
 def region_view(framing: Framing, recipe: dict | None, size: int) -> torch.Tensor:
@@ -133,11 +128,10 @@ def to_image_frame(heatmap: np.ndarray, framing: Framing, shape: tuple[int, int]
     return np.clip(placed, 0.0, 1.0)
 
 
-def frame(image, recipe: dict | None, size: int, equalize: bool = False, segmenter=None
+def frame(gray: np.ndarray, recipe: dict | None, size: int, equalize: bool = False, segmenter=None
           ) -> tuple[torch.Tensor, Framing]:
-    """(model input (1, size, size) uint8, framing) for a path, PIL image or array: the one way
-    an image becomes the classifier's input."""
-    gray = load_grayscale(image)
+    """(model input (1, size, size) uint8, framing) for a grayscale image as `load_grayscale`
+    returns it: the one way an image becomes the classifier's input."""
     framing = find(gray, recipe, segmenter)
     return model_view(gray, framing, recipe, size, equalize), framing
 
@@ -160,9 +154,8 @@ def frame_all(paths: list[str], recipe: dict | None, size: int, equalize: bool =
             return torch.from_numpy(stored["images"]), torch.from_numpy(stored["regions"])
     images, regions = [], []
     for path in tqdm(paths, desc=description, unit="img"):
-        gray = load_grayscale(path)
-        framing = find(gray, recipe, segmenter)
-        images.append(model_view(gray, framing, recipe, size, equalize))
+        image, framing = frame(load_grayscale(path), recipe, size, equalize, segmenter)
+        images.append(image)
         regions.append(region_view(framing, recipe, size))
     images, regions = torch.stack(images), torch.stack(regions)
     if cache_file:

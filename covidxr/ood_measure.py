@@ -21,7 +21,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import data_dir, prepare_all
+from .data import data_dir
+from .framing import frame_all, uses_lungs
 from .model import build_model
 from .not_xrays import non_xray_images
 from .ood import OutOfDistribution, fit_for
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     frame = pd.read_csv(args.split_csv)
     frame = frame[frame["split"].isin(["train", "val", "test"])].reset_index(drop=True)
     paths = [str(root / name) for name in frame["filename"]]
-    images = prepare_all(paths, predictor.config["input_size"], cache_dir=args.cache_dir)
+    # Framed as the checkpoint reads them (the lungs' box for a lung-reading model).
+    images, _ = frame_all(paths, predictor.framing_recipe, predictor.config["input_size"],
+                          predictor.config["normalisation"]["method"] == "equalize",
+                          predictor.segmenter if uses_lungs(predictor.framing_recipe) else None, args.cache_dir)
     targets = np.array([predictor.classes.index(t) for t in frame["target"]])
     detector = fit_for(predictor, images, targets, frame["split"].to_numpy())
     predictor.ood = detector

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .framing import Framing, frame, uses_lungs
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import load_image, normalise
+from .data import load_grayscale, load_image, normalise
+from .framing import Framing, frame, uses_lungs
 from .model import build_model, fold_batch_norms
 from .ood import FeatureHook, OutOfDistribution
 
@@ -97,20 +97,21 @@ class Predictor:
         """Logits are divided by this before the softmax (calibration.py); 1 when uncalibrated."""
         return float(self.config.get("calibration", {}).get("temperature", 1.0))
 
-    def view(self, image) -> tuple[torch.Tensor, Framing]:
-        """(the network's input (1, S, S) uint8, where it was cut from) for a path, PIL image or
-        array: the lungs' box when the checkpoint reads the lungs, else the whole image."""
+    def view(self, gray: np.ndarray) -> tuple[torch.Tensor, Framing]:
+        """(the network's input (1, S, S) uint8, where it was cut from) for a grayscale image as
+        `load_grayscale` returns it: the lungs' box when the checkpoint reads the lungs, else the
+        whole image."""
         recipe = self.framing_recipe
         segmenter = self.segmenter if uses_lungs(recipe) else None
         if uses_lungs(recipe) and segmenter is None:
             raise CheckpointError("this checkpoint reads the lungs only, and no lung model was found "
                                   f"({recipe.get('lungs')})")
-        return frame(image, recipe, self.config["input_size"],
-                             self.config["normalisation"]["method"] == "equalize", segmenter)
+        return frame(gray, recipe, self.config["input_size"], self.config["normalisation"]["method"] == "equalize",
+                     segmenter)
 
     def prepare(self, image) -> torch.Tensor:
         """(1, S, S) uint8 tensor for a path, PIL image or numpy array."""
-        return self.view(image)[0]
+        return self.view(load_grayscale(image))[0]
 
     def model_input(self, batch: torch.Tensor) -> torch.Tensor:
         """Prepared uint8 images (N, 1, S, S) as the normalised float tensor the network takes."""

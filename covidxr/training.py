@@ -620,7 +620,8 @@ def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: 
     history = pd.DataFrame(history)
     history.to_csv(out_dir / "history.csv", index=False)
     plot_history(history, out_dir / "curves.png")
-    model, device, frame, index = setup.evaluated, setup.trained.parameters().__next__().device, data.frame, data.index
+    model, frame, index = setup.evaluated, data.frame, data.index
+    device = next(model.parameters()).device
     model.load_state_dict(kept_state)
     val_targets = data.targets[index["val"]].numpy()
     val_probabilities = predict_probabilities(model, data.images[index["val"]], data.norm, device)

@@ -173,18 +173,18 @@ def test_bytes_buffer_via_pil():
 
 def test_image_cache_follows_the_files_content(tmp_path):
     """An image edited in place is decoded again, not served stale from the cache."""
-    from covidxr.data import prepare_all
+    from covidxr.framing import frame_all
 
     paths = [save(Image.fromarray(gradient()), tmp_path / "a.png"), save(Image.fromarray(gradient()[::-1]), tmp_path / "b.png")]
     cache = tmp_path / "cache"
-    first = prepare_all([str(p) for p in paths], 16, cache_dir=cache)
-    assert len(list(cache.glob("images-*.npy"))) == 1
-    assert torch.equal(prepare_all([str(p) for p in paths], 16, cache_dir=cache), first)  # a hit
+    first, _ = frame_all([str(p) for p in paths], None, 16, cache_dir=cache)
+    assert len(list(cache.glob("framed-*.npz"))) == 1
+    assert torch.equal(frame_all([str(p) for p in paths], None, 16, cache_dir=cache)[0], first)  # a hit
     save(Image.fromarray(gradient()[:, ::-1].T.copy()), paths[0])  # same name, other pixels
-    edited = prepare_all([str(p) for p in paths], 16, cache_dir=cache)
+    edited, _ = frame_all([str(p) for p in paths], None, 16, cache_dir=cache)
     assert torch.equal(edited[0], prepare(paths[0], 16)) and not torch.equal(edited[0], first[0])
     assert torch.equal(edited[1], first[1])
-    assert len(list(cache.glob("images-*.npy"))) == 2
+    assert len(list(cache.glob("framed-*.npz"))) == 2
 
 
 def test_one_definition_of_the_data_folder(tmp_path, monkeypatch):

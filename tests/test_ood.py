@@ -80,17 +80,18 @@ def test_each_check_says_what_it_found(predictor, manifest_frame):
 
 def test_no_lungs_found_is_an_unusual_xray_not_a_refusal(predictor, manifest_frame):
     """The framing's "no lungs" warning keeps the prediction: only the input check refuses."""
+    from covidxr.data import load_grayscale
     from covidxr.framing import NO_LUNGS_WARNING, Framing
 
     xray = DATA_DIR / manifest_frame.iloc[0]["filename"]
-    tensor, _ = predictor.view(xray)
+    tensor, _ = predictor.view(load_grayscale(xray))
     probabilities, features = predictor.probabilities_and_features(tensor[None])
     shape = Image.open(xray).size[::-1]
     no_lungs = Framing((0, 0, *shape), shape, np.zeros(shape, bool), lungs_found=False)
     prediction = predictor.prediction(probabilities[0], features[0], 0.0, shape, no_lungs)
     assert prediction.warnings == [NO_LUNGS_WARNING] and prediction.not_an_xray is False
     page = dict(non_xray_images())["generated:document0"]
-    tensor, _ = predictor.view(page)
+    tensor, _ = predictor.view(load_grayscale(page))
     probabilities, features = predictor.probabilities_and_features(tensor[None])
     both = predictor.prediction(probabilities[0], features[0], 0.0, page.shape[:2], no_lungs)
     document = predictor.predict(page)
