@@ -5,6 +5,7 @@ by the sha256 of its public original and fetches it:
 
     covidxr examples --from ../shared/data/cxr   # copy from a local dataset folder
     covidxr examples --download                  # or download the public originals
+    covidxr examples --describe                  # after a new model ships: its calls, into the CSV
 
 A local copy is found through the dataset's manifest (same sha256); a download is checked
 against the sha256 before it is kept.
@@ -71,15 +72,36 @@ def _download(examples: pd.DataFrame, dest: Path) -> list[str]:
     return failed
 
 
+def describe(csv_path: Path, predictor) -> pd.DataFrame:
+    """Rewrite the CSV's `model_called` column with what `predictor` decides for each present
+    example ("label (p_covid 0.40)"), so the list stays true to the shipped model."""
+    examples = read_examples(csv_path)
+    for path, row in tqdm(available_examples(csv_path.parent), desc="describing examples", unit="img"):
+        prediction = predictor.predict(path)
+        called = f"{prediction.label} (p_covid {prediction.probabilities.get('covid', float('nan')):.2f})"
+        examples.loc[examples["file_name"] == row["file_name"], "model_called"] = called
+    examples.to_csv(csv_path, index=False)
+    return examples
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from", dest="dataset", type=Path, help="local dataset folder holding manifest.csv")
     source.add_argument("--download", action="store_true", help="download the public originals (sha256-checked)")
+    source.add_argument("--describe", action="store_true",
+                        help="write the model's call for each fetched example into the CSV's model_called column")
     parser.add_argument("--csv", type=Path, default=EXAMPLES_CSV)
     parser.add_argument("--dest", type=Path, default=None, help="where to put the images (default: beside the CSV)")
+    parser.add_argument("--checkpoint", default=None, help="with --describe: the model (default: the shipped one)")
     args = parser.parse_args(argv)
 
+    if args.describe:
+        from .predictor import Predictor  # only this mode needs torch
+
+        examples = describe(args.csv, Predictor.load(args.checkpoint))
+        print(examples[["file_name", "label", "model_called"]].to_string(index=False))
+        return 0
     examples = read_examples(args.csv)
     dest = args.dest or args.csv.parent
     dest.mkdir(parents=True, exist_ok=True)

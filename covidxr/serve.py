@@ -32,6 +32,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio.components.label import LabelConfidence, LabelData
 from PIL import Image
 from starlette.middleware import Middleware
 
@@ -264,8 +265,10 @@ class XrayApp:
     def analyse(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
         """(label, original, overlay, summary) for an uploaded file path: the `/predict` API.
 
-        The label is the probabilities by class; for an input the check calls no chest X-ray, it
-        is the refusal, with no class name (the summary then gives the probabilities as detail)."""
+        The label is the decided class (the checkpoint's rule, which under a threshold is not
+        always the most probable class) with the probabilities by class; for an input the check
+        calls no chest X-ray, it is the refusal, with no class name (the summary then gives the
+        probabilities as detail)."""
         label, original, overlay_image, summary, _ = self.analyse_and_keep(file, method, explain_class, opacity)
         return label, original, overlay_image, summary
 
@@ -296,14 +299,14 @@ class XrayApp:
         if prediction.not_an_xray:
             label, summary = NOT_AN_XRAY, self.refusal(explanation)
         else:
-            label, summary = prediction.probabilities, self.summary(explanation, method)
+            label, summary = decided_label(prediction), self.summary(explanation, method)
         return label, original, shown.overlay(float(opacity)), summary, shown
 
     def show(self, file, method, explain_class, opacity):
         """`analyse_and_keep` for the page: the probabilities hidden for a refused input (the
         summary gives them as greyed detail). The API gets plain values, never this update."""
         label, *rest = self.analyse_and_keep(file, method, explain_class, opacity)
-        return gr.Label(label, visible=label != NOT_AN_XRAY), *rest
+        return gr.update(value=label, visible=label != NOT_AN_XRAY), *rest
 
     def summary(self, explanation, method: str) -> str:
         """The headline (the decided class and the rule that decided it), what the heatmap
@@ -420,6 +423,7 @@ class XrayApp:
                         # The heading is off: the label comes from the decision rule, not always the top class.
                         probabilities = gr.Label(label="Probabilities", num_top_classes=len(classes),
                                                  show_heading=False, scale=2, min_width=220, elem_id="prediction")
+                        probabilities.postprocess = _decided_as_is(probabilities.postprocess)
                     with gr.Row():
                         original = gr.Image(label="Input, as the model reads it", type="pil", format="jpeg",
                                             height=380, elem_id="original")
@@ -458,6 +462,23 @@ class XrayApp:
 
 def _as_sent(value):
     return value
+
+
+def decided_label(prediction) -> LabelData:
+    """The label output: the decided class named, every class's probability listed."""
+    ranked = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)
+    return LabelData(label=prediction.label,
+                     confidences=[LabelConfidence(label=name, confidence=value) for name, value in ranked])
+
+
+def _decided_as_is(postprocess):
+    """gr.Label's postprocess names the most probable class; a `LabelData` built by
+    `decided_label` passes through unchanged, so a threshold's decision is what both the page and
+    `/predict` say. (A gr.Label subclass would do it too, but Gradio writes a .pyi stub beside
+    the module of any component subclass at import time.)"""
+    def keep_decided(value):
+        return value if isinstance(value, LabelData) else postprocess(value)
+    return keep_decided
 
 
 def _quoted(value) -> str:

@@ -37,11 +37,13 @@ def xray_app(examples_dir, predictor):
 
 def test_handler_on_a_real_xray(xray_app, manifest_frame):
     path = real_image(manifest_frame, "pneumonia", "kermany")
-    probabilities, original, overlay, summary = xray_app.analyse(str(path))
+    label, original, overlay, summary = xray_app.analyse(str(path))
+    probabilities = {c.label: c.confidence for c in label.confidences}
     assert set(probabilities) == {"covid", "normal", "pneumonia"}
     assert sum(probabilities.values()) == pytest.approx(1, abs=1e-5)
     assert original.size == overlay.size == Image.open(path).size
     decided = xray_app.predictor.predict(path).label
+    assert label.label == decided
     assert summary.startswith(f"### Prediction: {decided}\nDecided by the model's rule: "
                               f"{xray_app.predictor.decision_rule}.")
     assert "**Lung focus " in summary and "top strip" in summary
@@ -106,7 +108,7 @@ def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
     assert all(f"{c} {p:.0%}" in greyed for c, p in prediction.probabilities.items())
     assert shown.lung_mask is None and overlay.size == original.size
     page_label = xray_app.show(str(path), "gradcam", PREDICTED, 0.4)[0]
-    assert page_label.visible is False
+    assert page_label["visible"] is False
 
 
 def test_an_unusual_xray_keeps_its_prediction_with_the_warning(xray_app, manifest_frame):
@@ -155,6 +157,24 @@ def test_lungs_outside_notice_follows_the_checkpoint_rule(xray_app, manifest_fra
     app.predictor.config = dict(config, lung_focus_notice=lower)
     assert "outside the lungs" not in app.analyse(str(path))[3]
     assert DEFAULT_NOTICE["method"] == "gradcam" and 0 < DEFAULT_NOTICE["threshold"] < 0.5
+
+
+def test_label_names_the_class_the_threshold_decided(xray_app, manifest_frame, tmp_path):
+    """Under a threshold rule the decided class can be a less probable one: the label output
+    (page and `/predict`) names it, not the top class, and the summary says why."""
+    path = real_image(manifest_frame, "normal", "nih14")
+    probabilities = xray_app.predictor.predict(path).probabilities
+    below_top = sorted(probabilities, key=probabilities.get)[1]  # neither the top class nor the last
+    rule = {"rule": "threshold", "class": below_top, "threshold": probabilities[below_top] / 2}
+    app = XrayApp(Predictor(xray_app.predictor.model, dict(xray_app.predictor.config, decision=rule)), tmp_path)
+    label, *_, summary = app.analyse(str(path))
+    assert label.label == below_top != max(probabilities, key=probabilities.get)
+    assert [c.label for c in label.confidences] == sorted(probabilities, key=probabilities.get, reverse=True)
+    assert summary.startswith(f"### Prediction: {below_top}") and "though another class is more probable" in summary
+    # Gradio's own postprocess would name the top class; the app's Label keeps the decision.
+    component = next(block for block in app.build().blocks.values() if isinstance(block, gr.Label))
+    assert component.postprocess(label).label == below_top
+    assert component.postprocess(probabilities).label == max(probabilities, key=probabilities.get)
 
 
 def test_method_menu_has_one_entry_per_map(xray_app):

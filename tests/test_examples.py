@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import DATA_DIR
-from covidxr.examples import available_examples, main, read_examples
+from covidxr.examples import EXAMPLES_CSV, available_examples, main, read_examples
 
 
 def test_listed_examples_cover_the_cases_and_exist_in_the_dataset(manifest_frame):
@@ -22,6 +22,21 @@ def test_listed_examples_cover_the_cases_and_exist_in_the_dataset(manifest_frame
     assert {"covid", "normal", "pneumonia", "sars"} <= set(examples["label"])
     assert {"adult", "pediatric"} <= set(examples["age_group"])
     assert examples["why"].str.contains("misses").any(), "a COVID case the model misses is listed"
+
+
+def test_listed_calls_are_the_shipped_models(examples_dir, predictor, tmp_path):
+    """`model_called` in the committed list is what the shipped model decides (rewritten by
+    `covidxr examples --describe` whenever a model ships), and the case listed as missed is one."""
+    csv = examples_dir / "examples.csv"
+    committed = read_examples(EXAMPLES_CSV)
+    assert main(["--describe", "--csv", str(csv)]) == 0
+    described = read_examples(csv)
+    assert list(described["model_called"]) == list(committed["model_called"])
+    for row in described.to_dict("records"):
+        label = predictor.predict(examples_dir / row["file_name"]).label
+        assert row["model_called"].startswith(f"{label} (p_covid "), row["file_name"]
+        if "misses" in row["why"]:
+            assert row["label"] == "covid" != label, row["file_name"]
 
 
 def test_copy_from_local_dataset(tmp_path):
