@@ -320,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "else ../shared/data/cxr)")
     parser.add_argument("--manifest", default=None, help="another manifest (default: the data folder's)")
     parser.add_argument("--out", default="runs/lungs")
-    # 128: the input size of the shipped lung model, which these defaults retrain.
-    parser.add_argument("--input-size", type=int, default=128)
+    # 64: the input size of the shipped lung model, which these defaults retrain (128 gave test Dice
+    # 0.950 against 0.947 at 64, for about 4x the network cost: MODEL_CARD.md).
+    parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)

@@ -61,7 +61,7 @@ def test_default_options_retrain_the_shipped_lung_model():
     """`covidxr segment` with no options trains what was shipped: same input size and recipe."""
     config = read_config(SHIPPED_LUNGS)
     defaults = build_parser().parse_args([])
-    assert defaults.input_size == config["input_size"] == 128
+    assert defaults.input_size == config["input_size"] == 64
     for key in ("epochs", "lr", "batch_size", "seed"):
         assert getattr(defaults, key) == config["training"][key], key
 
