@@ -9,6 +9,16 @@ per age group (audit.md, audit.json), a plot (lung_focus.png), per-image numbers
 the 12 images with the lowest lung focus as a contact sheet (lowest_focus.png: it shows data
 images, so it stays in the run folder and out of git).
 
+Occlusion check (`--occlusion`): a heatmap shows where the evidence lies, not what the decision
+rests on. For every image, the COVID probability as it is, with the dilated lungs blanked
+(only the outside left), and with everything but the dilated lungs blanked (only the lungs
+left), each blank filled with the image's median; then COVID-vs-rest AUROC for each, on all
+images and on adults. A model that decides from the lungs loses most of its ranking when they
+are blanked. Blanking is itself unusual input, so "only the lungs left" understates what the
+lungs hold; "only the outside left" scoring well above 0.5 is the finding: the model ranks COVID
+from what lies outside the lungs. For whole-image checkpoints (a lung-reading one never sees
+the outside beyond its crop margin).
+
 Sanity check (Adebayo et al., NeurIPS 2018): a map that depends on what the model learned must
 change when the weights are randomised. The audit recomputes the heatmaps with a randomly
 initialised network of the same architecture and reports their Spearman rank correlation with
@@ -36,17 +46,24 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+import cv2
 from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from .checkpoint import update_config
-from .data import data_dir, parse_filters, read_manifest, select
+from .data import data_dir, load_grayscale, parse_filters, read_manifest, select
+from .framing import uses_lungs
 from .evaluate import unseen_rows
 from .model import build_model
 from .predictor import SHIPPED_CHECKPOINT, Predictor
 
 # The notice marks maps less on the lungs than this share of correctly classified test X-rays.
 NOTICE_PERCENTILE = 10.0
+# Occlusion check: lungs dilated by this share of the image's longer side before blanking, so
+# the lung edges (where Grad-CAM spills) count as lung.
+OCCLUSION_DILATION = 0.04
+OCCLUSIONS = ("as is", "only the outside left", "only the lungs left")
 GROUPS = {"class (true label)": "label", "correct": "correct", "source": "source_dataset", "age group": "age_group"}
 
 
@@ -98,6 +115,44 @@ def hand_drawn_focus(predictor: Predictor, frame: pd.DataFrame, method: str = "g
                      "lung_focus": float(heatmap[mask].sum() / total) if total > 0 else 0.0,
                      "chance": float(mask.mean())})
     return pd.DataFrame(rows, columns=["filename", "source_dataset", "lung_focus", "chance"])
+
+
+def occluded_views(gray: np.ndarray, lungs: np.ndarray) -> dict[str, np.ndarray]:
+    """The image as it is, with the dilated lungs blanked, and with all but them blanked."""
+    radius = max(1, round(OCCLUSION_DILATION * max(gray.shape)))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    dilated = cv2.dilate(lungs.astype(np.uint8), disk).astype(bool)
+    fill = np.float32(np.median(gray))
+    return dict(zip(OCCLUSIONS, (gray, np.where(dilated, fill, gray), np.where(dilated, gray, fill))))
+
+
+def occlusion_frame(predictor: Predictor, frame: pd.DataFrame, positive: str = "covid",
+                    progress: bool = True) -> pd.DataFrame:
+    """One row per image: its `positive` probability under each of `OCCLUSIONS`."""
+    if uses_lungs(predictor.framing_recipe):
+        raise ValueError("the occlusion check is for whole-image checkpoints: this one reads only the lungs' box")
+    rows = []
+    for row in tqdm(frame.itertuples(), total=len(frame), desc="occlusion check", unit="img", disable=not progress):
+        gray = load_grayscale(row.path)
+        views = occluded_views(gray, predictor.segment_lungs(gray))
+        rows.append({"filename": row.filename, "target": row.target, "age_group": row.age_group,
+                     "source_dataset": row.source_dataset}
+                    | {name: predictor.predict(view).probabilities[positive] for name, view in views.items()})
+    return pd.DataFrame(rows)
+
+
+def occlusion_summary(table: pd.DataFrame, positive: str = "covid") -> pd.DataFrame:
+    """COVID-vs-rest AUROC for each occlusion, on all images and on adults."""
+    labelled = table[table["target"].fillna("") != ""]
+    groups = {"all": labelled, "adults": labelled[labelled["age_group"] == "adult"]}
+    summary = {}
+    for name, group in groups.items():
+        is_positive = group["target"] == positive
+        if is_positive.nunique() < 2:
+            continue
+        summary[name] = {"images": len(group), "positives": int(is_positive.sum())} | {
+            occlusion: float(roc_auc_score(is_positive, group[occlusion])) for occlusion in OCCLUSIONS}
+    return pd.DataFrame(summary).T
 
 
 def summary_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -238,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="only the rows of this split of --split-csv (e.g. val, to choose between runs)")
     parser.add_argument("--hand-masks", action="store_true",
                         help="only measure the COVID map's lung focus against the hand-drawn masks")
+    parser.add_argument("--occlusion", action="store_true",
+                        help="only the occlusion check: COVID AUROC with the lungs blanked and with all but them blanked")
     parser.add_argument("--store-notice", action="store_true",
                         help="only set the app's lungs-outside notice: the 10th percentile of lung focus on the "
                              "correctly classified X-rays of --split (default: test) of --split-csv, stored in "
@@ -272,6 +329,15 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "hand_drawn_focus.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
         return {"hand_drawn": focus, "summary": summary, "out": out}
+    if args.occlusion:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        occluded = occlusion_frame(predictor, frame)
+        occluded.to_csv(out / "occlusion.csv", index=False)
+        summary = occlusion_summary(occluded)
+        (out / "occlusion.json").write_text(summary.to_json(orient="index", indent=2))
+        print("COVID-vs-rest AUROC\n" + summary.to_markdown(floatfmt=".3f"))
+        return {"occlusion": occluded, "summary": summary, "out": out}
     table = audit_frame(predictor, frame, args.method)
     if args.store_notice:
         rule = notice_rule(table, args.method) | {"split": args.split}

@@ -303,10 +303,11 @@ class XrayApp:
         return label, original, shown.overlay(float(opacity)), summary, shown
 
     def show(self, file, method, explain_class, opacity):
-        """`analyse_and_keep` for the page: the probabilities hidden for a refused input (the
-        summary gives them as greyed detail). The API gets plain values, never this update."""
-        label, *rest = self.analyse_and_keep(file, method, explain_class, opacity)
-        return gr.update(value=label, visible=label != NOT_AN_XRAY), *rest
+        """`analyse_and_keep` for the page. The label goes out as a plain value, never as a
+        component update: Gradio postprocesses an update with a fresh copy of the component,
+        which would lose the decided class (`_decided_as_is`). A refused input's label is the
+        refusal alone, with no probability bars (the summary gives them as greyed detail)."""
+        return self.analyse_and_keep(file, method, explain_class, opacity)
 
     def summary(self, explanation, method: str) -> str:
         """The headline (the decided class and the rule that decided it), what the heatmap

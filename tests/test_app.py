@@ -108,7 +108,8 @@ def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
     assert all(f"{c} {p:.0%}" in greyed for c, p in prediction.probabilities.items())
     assert shown.lung_mask is None and overlay.size == original.size
     page_label = xray_app.show(str(path), "gradcam", PREDICTED, 0.4)[0]
-    assert page_label["visible"] is False
+    shown_label = next(b for b in xray_app.build().blocks.values() if isinstance(b, gr.Label)).postprocess(page_label)
+    assert shown_label.label == NOT_AN_XRAY and not shown_label.confidences  # no probability bars
 
 
 def test_an_unusual_xray_keeps_its_prediction_with_the_warning(xray_app, manifest_frame):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import MANIFEST, real_image
-from covidxr.audit import GROUPS, main, randomisation_check
+from covidxr.audit import GROUPS, OCCLUSIONS, main, occluded_views, occlusion_summary, randomisation_check
 from covidxr.predictor import SHIPPED_SPLIT
 from covidxr.segment import evidence_shares
 
@@ -82,3 +82,49 @@ def test_store_notice_sets_the_threshold_from_correct_test_xrays(tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert notice_rule(config) == stored
     assert f"{stored['threshold']:.1%}" in notice_facts(config) and "correctly classified test X-rays" in notice_facts(config)
+
+
+def test_occluded_views_blank_one_side_of_the_dilated_lungs():
+    gray = np.random.default_rng(0).random((200, 160)).astype(np.float32)
+    lungs = np.zeros(gray.shape, bool)
+    lungs[60:140, 30:70] = True
+    views = occluded_views(gray, lungs)
+    assert list(views) == list(OCCLUSIONS)
+    assert np.array_equal(views["as is"], gray)
+    fill = np.float32(np.median(gray))
+    outside, inside = views["only the outside left"], views["only the lungs left"]
+    assert (outside[lungs] == fill).all() and (inside[lungs] == gray[lungs]).all()
+    assert inside[0, 0] == fill and outside[0, 0] == gray[0, 0]
+    # The blank reaches past the lung edge (dilated by 4% of the longer side: 8 px here).
+    assert outside[100, 75] == fill and outside[100, 85] == gray[100, 85]
+
+
+@pytest.mark.slow
+def test_occlusion_command_on_real_xrays(tmp_path, predictor, small_manifest):
+    """`--occlusion` on adult COVID, pneumonia, SARS and normal X-rays: per image, the COVID
+    probability as is is the model's own; the AUROCs are recomputed from the per-image rows,
+    on labelled images only (SARS has no class)."""
+    from sklearn.metrics import roc_auc_score
+
+    result = main(["--manifest", str(small_manifest), "--filter", "source_dataset=ieee8023,nih14",
+                   "--occlusion", "--out", str(tmp_path)])
+    rows = pd.read_csv(tmp_path / "occlusion.csv", keep_default_na=False)
+    assert set(rows["target"]) == {"covid", "normal", "pneumonia", ""}
+    assert json.loads((tmp_path / "occlusion.json").read_text())["all"]["images"] == (rows["target"] != "").sum()
+    first = rows.iloc[0]
+    assert first["as is"] == pytest.approx(predictor.predict(first["filename"]).probabilities["covid"], abs=1e-6)
+    assert not np.allclose(rows["as is"], rows["only the outside left"])
+    labelled = rows[rows["target"] != ""]
+    for name in OCCLUSIONS:
+        assert result["summary"].loc["all", name] == pytest.approx(
+            roc_auc_score(labelled["target"] == "covid", labelled[name]))
+
+
+def test_occlusion_check_refuses_a_lung_reading_checkpoint(predictor):
+    from covidxr import Predictor
+    from covidxr.audit import occlusion_frame
+    from covidxr.framing import LUNG_CROP
+
+    reads_lungs = Predictor(predictor.model, dict(predictor.config, framing=LUNG_CROP))
+    with pytest.raises(ValueError, match="whole-image checkpoints"):
+        occlusion_frame(reads_lungs, pd.DataFrame(columns=["path"]))
