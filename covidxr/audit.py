@@ -152,7 +152,7 @@ def occlusion_summary(table: pd.DataFrame, positive: str = "covid") -> pd.DataFr
             continue
         summary[name] = {"images": len(group), "positives": int(is_positive.sum())} | {
             occlusion: float(roc_auc_score(is_positive, group[occlusion])) for occlusion in OCCLUSIONS}
-    return pd.DataFrame(summary).T
+    return pd.DataFrame(summary).T.astype({"images": int, "positives": int})
 
 
 def summary_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
