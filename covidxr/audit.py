@@ -46,15 +46,14 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-import cv2
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from .checkpoint import update_config
 from .data import data_dir, load_grayscale, parse_filters, read_manifest, select
-from .framing import uses_lungs
 from .evaluate import unseen_rows
+from .framing import dilate, uses_lungs
 from .model import build_model
 from .predictor import SHIPPED_CHECKPOINT, Predictor
 
@@ -119,9 +118,7 @@ def hand_drawn_focus(predictor: Predictor, frame: pd.DataFrame, method: str = "g
 
 def occluded_views(gray: np.ndarray, lungs: np.ndarray) -> dict[str, np.ndarray]:
     """The image as it is, with the dilated lungs blanked, and with all but them blanked."""
-    radius = max(1, round(OCCLUSION_DILATION * max(gray.shape)))
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    dilated = cv2.dilate(lungs.astype(np.uint8), disk).astype(bool)
+    dilated = dilate(lungs, OCCLUSION_DILATION)
     fill = np.float32(np.median(gray))
     return dict(zip(OCCLUSIONS, (gray, np.where(dilated, fill, gray), np.where(dilated, gray, fill))))
 

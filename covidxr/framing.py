@@ -83,10 +83,14 @@ def allowed_region(framing: Framing, recipe: dict | None) -> np.ndarray | None:
     if not framing.lungs_found:
         return None
     top, left, bottom, right = framing.box
-    inside = framing.lung_mask[top:bottom, left:right].astype(np.uint8)
-    radius = max(1, round(recipe["dilation"] * max(bottom - top, right - left)))
+    return dilate(framing.lung_mask[top:bottom, left:right], recipe["dilation"])
+
+
+def dilate(mask: np.ndarray, fraction: float) -> np.ndarray:
+    """A boolean mask dilated by a disk whose radius is `fraction` of the mask's longer side."""
+    radius = max(1, round(fraction * max(mask.shape)))
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    return cv2.dilate(inside, disk).astype(bool)
+    return cv2.dilate(mask.astype(np.uint8), disk).astype(bool)
 
 
 def model_view(gray: np.ndarray, framing: Framing, recipe: dict | None, size: int,

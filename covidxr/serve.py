@@ -274,7 +274,11 @@ class XrayApp:
 
     def analyse_and_keep(self, file, method: str = "gradcam", explain_class: str = PREDICTED,
                          opacity: float = 0.4):
-        """`analyse`'s four outputs, and what to keep for re-blending (`Shown`)."""
+        """`analyse`'s four outputs, and what to keep for re-blending (`Shown`): the page's
+        handler. The label always goes out as a plain value, never as a component update:
+        Gradio postprocesses an update with a fresh copy of the component, which would lose the
+        decided class (`_decided_as_is`). A refused input's label is the refusal alone, with no
+        probability bars (the summary gives them as greyed detail)."""
         if not file:
             raise gr.Error("Upload a chest X-ray (PNG, JPEG or DICOM) or click an example first.",
                            print_exception=False)
@@ -301,13 +305,6 @@ class XrayApp:
         else:
             label, summary = decided_label(prediction), self.summary(explanation, method)
         return label, original, shown.overlay(float(opacity)), summary, shown
-
-    def show(self, file, method, explain_class, opacity):
-        """`analyse_and_keep` for the page. The label goes out as a plain value, never as a
-        component update: Gradio postprocesses an update with a fresh copy of the component,
-        which would lose the decided class (`_decided_as_is`). A refused input's label is the
-        refusal alone, with no probability bars (the summary gives them as greyed detail)."""
-        return self.analyse_and_keep(file, method, explain_class, opacity)
 
     def summary(self, explanation, method: str) -> str:
         """The headline (the decided class and the rule that decided it), what the heatmap
@@ -355,14 +352,14 @@ class XrayApp:
         """A changed method or class: analyse again, or nothing while no file is loaded."""
         if not file:
             return (gr.skip(),) * 5
-        return self.show(file, method, explain_class, opacity)
+        return self.analyse_and_keep(file, method, explain_class, opacity)
 
     def analyse_example(self, index, method, explain_class, opacity):
         """An example clicked: the file goes into the upload box and is analysed, in one request."""
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.examples):
             raise gr.Error(f"There is no example {_quoted(index)}.", print_exception=False)
         path = str(self.examples[index][0])
-        return (path, *self.show(path, method, explain_class, opacity))
+        return (path, *self.analyse_and_keep(path, method, explain_class, opacity))
 
     def example_captions(self) -> list[str]:
         """What each example is, what this model calls it, and what to try (HTML: Gradio shows
@@ -438,7 +435,7 @@ class XrayApp:
             model = dict(concurrency_id="model", validator=self.admit)
             # One request per user action: the upload, each change of method or class, each example
             # click; a new opacity only re-blends the kept map (tests/test_app.py counts them in Chromium).
-            analysed = upload.upload(self.show, inputs, outputs, api_visibility="private", **model)
+            analysed = upload.upload(self.analyse_and_keep, inputs, outputs, api_visibility="private", **model)
             analysed.success(None, js=SHOW_RESULT_JS)
             analysed.failure(None, None, outputs[:4], js=CLEAR_RESULT_JS)
             # The dropdown's `input` event fired twice per choice (Gradio 6.31, Chromium); `select` once.
