@@ -32,7 +32,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, update_config
 from .data import data_dir, data_hash, load_grayscale, normalise, prepare, read_manifest, split_by_patient
 from .model import fold_batch_norms
 
@@ -212,10 +212,12 @@ def train_segmenter(args: argparse.Namespace) -> Path:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, epochs=args.epochs, steps_per_epoch=batches)
     augment = _augment()
     segmenter = LungSegmenter(model, {"input_size": args.input_size, "normalisation": NORMALISATION}, "cpu")
+    # One seeded order of batches: the same command retrains the same model.
+    order_rng = np.random.default_rng(args.seed)
     best, best_state, history = -1.0, None, []
     for epoch in tqdm(range(1, args.epochs + 1), desc="training lung U-Net", unit="epoch"):
         model.train()
-        order = np.random.permutation(index["train"])
+        order = order_rng.permutation(index["train"])
         losses = []
         for start in range(0, len(order), args.batch_size):
             pairs = [augment(images[i], tv_tensors.Mask(masks[i])) for i in order[start:start + args.batch_size]]
@@ -230,15 +232,31 @@ def train_segmenter(args: argparse.Namespace) -> Path:
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
+        # Eval mode before scoring: in train mode batch norm would normalise with the validation
+        # batch's own statistics and fold them into its running statistics, so the saved model
+        # would carry the validation (and test) images in its weights.
+        model.eval()
         predicted = segmenter.probabilities(images[index["val"]]).numpy() > 0.5
         val_dice = float(np.mean([dice_iou(p, t[0].numpy())[0] for p, t in zip(predicted, masks[index["val"]])]))
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": val_dice})
         if val_dice > best:
             best, best_state = val_dice, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
+    model.eval()
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+    config = {"task": "segmentation", "arch": "lung-unet", "widths": [16, 32, 64, 128], "classes": ["lung"],
+              "input_size": args.input_size, "normalisation": NORMALISATION,
+              "data": {"manifest": portable_path(args.manifest), "masks": "lung_mask column (V7 Labs, adult COVID images)",
+                       "train_data_sha256": data_hash(frame.iloc[index["train"]]),
+                       "images": {name: int(len(ix)) for name, ix in index.items()}},
+              "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed},
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    checkpoint = save_checkpoint(out / "lungs.safetensors", model, config)
 
-    # Test: at each image's own resolution, against its own mask file, after clean-up.
+    # Test the model as shipped: read back from the file (fp16 weights, batch norms folded) by
+    # the same LungSegmenter.load every user goes through, at each image's own resolution,
+    # against its own mask file, after clean-up.
+    segmenter = LungSegmenter.load(checkpoint, "cpu")
     rows = []
     for i in tqdm(index["test"], desc="testing", unit="img"):
         row = frame.iloc[i]
@@ -250,15 +268,8 @@ def train_segmenter(args: argparse.Namespace) -> Path:
     metrics = {"split": "test", "images": len(scores), "patients": int(scores["patient_id"].nunique()),
                "dice_mean": float(scores["dice"].mean()), "dice_median": float(scores["dice"].median()),
                "iou_mean": float(scores["iou"].mean()), "dice_min": float(scores["dice"].min()),
-               "val_dice": best}
-    config = {"task": "segmentation", "arch": "lung-unet", "widths": [16, 32, 64, 128], "classes": ["lung"],
-              "input_size": args.input_size, "normalisation": NORMALISATION, "metrics": metrics,
-              "data": {"manifest": portable_path(args.manifest), "masks": "lung_mask column (V7 Labs, adult COVID images)",
-                       "train_data_sha256": data_hash(frame.iloc[index["train"]]),
-                       "images": {name: int(len(ix)) for name, ix in index.items()}},
-              "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed},
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    save_checkpoint(out / "lungs.safetensors", model, config)
+               "val_dice": best, "measured": "as shipped: LungSegmenter.load of the saved fp16 file"}
+    update_config(checkpoint, {"metrics": metrics})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return out
