@@ -31,7 +31,7 @@ import pandas as pd  # noqa: E402
 from scipy.optimize import minimize_scalar  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from .checkpoint import read_config, update_config  # noqa: E402
+from .checkpoint import update_config  # noqa: E402
 
 TARGET_SENSITIVITY = 0.95
 
@@ -144,11 +144,13 @@ def calibrate(table: pd.DataFrame, probabilities: np.ndarray, classes: list[str]
     }
 
 
-def stamp(checkpoint: str | Path, result: dict, folds_dir: str | Path) -> None:
-    """Write temperature and threshold into the checkpoint's description."""
+def stamp(checkpoint: str | Path, result: dict, folds_dir: str | Path) -> dict:
+    """Write temperature and threshold into the checkpoint's description. Its test metrics (and
+    lungs-outside notice) were measured under the old rule: `update_config` marks them stale
+    until `covidxr evaluate --store-metrics` measures them again. Returns the new description."""
     chosen_on = (f"out-of-fold probabilities of {result['folds'] or 'k'}-fold patient-grouped cross-validation "
                  f"on the training pool ({result['images']} images; {Path(folds_dir).name})")
-    update_config(checkpoint, {
+    return update_config(checkpoint, why=f"covidxr calibrate --folds-dir {Path(folds_dir).name}", changes={
         "calibration": {"temperature": result["temperature"], "method": "temperature scaling (NLL)",
                         "chosen_on": chosen_on, "ece_out_of_fold": round(result["calibrated"]["ece"], 4)},
         "decision": {"rule": "threshold", "class": "covid", "threshold": result["threshold"],
@@ -175,8 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
                         out / "reliability.png")
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
     if args.checkpoint:
-        stamp(args.checkpoint, result, args.folds_dir)
-        print(f"{args.checkpoint}: decision {read_config(args.checkpoint)['decision']}")
+        config = stamp(args.checkpoint, result, args.folds_dir)
+        print(f"{args.checkpoint}: decision {config['decision']}")
+        for field, why in (config.get("stale") or {}).items():
+            print(f"{args.checkpoint}: {field} marked stale ({why}); measure again with "
+                  f"`covidxr evaluate --checkpoint {args.checkpoint} --store-metrics`"
+                  + (" and `covidxr audit --store-notice`" if field == "lung_focus_notice" else ""))
     print(json.dumps(result, indent=2))
     return result
 

@@ -40,7 +40,7 @@ from . import __version__, framing  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .data import (XrayTensors, assign_fold, data_dir, data_hash, normalise, parse_filters,  # noqa: E402
                    parse_label_map, read_manifest, select, split_by_patient, training_augmentation)
-from .evaluate import evaluate_predictions, write_gallery, write_report  # noqa: E402
+from .evaluate import evaluate_predictions, summarise, write_gallery, write_report  # noqa: E402
 from .model import (ARCHITECTURES, CAM_HEADS, build_model, class_activation_maps, count_parameters,  # noqa: E402
                     gradcam_layer_name)
 from .ood import fit_for  # noqa: E402
@@ -677,20 +677,6 @@ def write_out_of_fold(rows: pd.DataFrame, probabilities: np.ndarray, classes: li
     for k, name in enumerate(classes):
         table[f"p_{name}"] = probabilities[:, k]
     table.to_csv(path, index=False)
-
-
-def summarise(report: dict) -> dict:
-    """The headline test numbers a checkpoint carries about itself."""
-    overall = report["overall"]
-    summary = {"split": "test", "n": overall["n"], "accuracy": overall["accuracy"]["value"],
-               "train_accuracy": report.get("train_accuracy")}
-    for name, m in overall["per_class"].items():
-        summary[name] = {"sensitivity": m["sensitivity"]["value"], "specificity": m["specificity"]["value"],
-                         "auroc": m["auroc"]["value"]}
-    if "adult_normals_called_covid" in report:
-        summary["adult_normals_called_covid"] = report["adult_normals_called_covid"]["value"]
-        summary["sars_called_covid"] = report["comparison_2020"]["sars_called_covid"]
-    return summary
 
 
 def main(argv: list[str] | None = None) -> Path | None:
