@@ -30,13 +30,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+from sklearn.preprocessing import label_binarize  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.optim.swa_utils import get_ema_multi_avg_fn  # noqa: E402
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__, framing  # noqa: E402
+from .calibration import choose_threshold  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .data import (XrayTensors, assign_fold, data_dir, data_hash, normalise, parse_filters,  # noqa: E402
                    parse_label_map, read_manifest, select, split_by_patient, training_augmentation)
@@ -248,9 +250,16 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, norm: dict, de
 
 
 def macro_auroc(targets: np.ndarray, probabilities: np.ndarray) -> float:
-    scores = [roc_auc_score(targets == k, probabilities[:, k])
-              for k in range(probabilities.shape[1]) if 0 < (targets == k).sum() < len(targets)]
-    return float(np.mean(scores)) if scores else float("nan")
+    """Mean one-vs-rest AUROC (sklearn's multi_class="ovr"); over the classes present when a small
+    validation set lacks one."""
+    classes = probabilities.shape[1]
+    present = np.unique(targets)
+    if len(present) < 2:
+        return float("nan")
+    if len(present) == classes:
+        return float(roc_auc_score(targets, probabilities, multi_class="ovr", labels=range(classes)))
+    one_vs_rest = label_binarize(targets, classes=range(classes))[:, present]
+    return float(roc_auc_score(one_vs_rest, probabilities[:, present], average="macro"))
 
 
 def choose_operating_point(targets: np.ndarray, probabilities: np.ndarray, classes: list[str],
@@ -265,10 +274,7 @@ def choose_operating_point(targets: np.ndarray, probabilities: np.ndarray, class
     positive = targets == covid
     if positive.all() or not positive.any():
         return {"rule": "argmax"}
-    fpr, tpr, thresholds = roc_curve(positive, probabilities[:, covid])
-    j = tpr - fpr
-    best = np.flatnonzero(j == j.max())
-    threshold = float(np.clip(thresholds[best].min(), 0.05, 0.95))
+    threshold = float(np.clip(choose_threshold(probabilities[:, covid], positive, "youden"), 0.05, 0.95))
     return {"rule": "threshold", "class": "covid", "threshold": round(threshold, 4),
             "chosen_on": "validation", "method": "youden"}
 
