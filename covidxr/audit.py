@@ -1,6 +1,6 @@
 """Shortcut audit: does the model look at the lungs? Measured on many images, not one.
 
-    covidxr audit --split-csv covidxr/weights/covidxr-cxrnet.split.csv --out runs/audit
+    covidxr audit --out runs/audit      # the shipped model, on the patients of its test split
 
 For every image the model has not been trained or tuned on: the Grad-CAM heatmap, and the share
 of its mass on the lungs (lung focus, from the lung model in segment.py), on the image border and
@@ -27,18 +27,19 @@ look the same whatever the model had learned (an edge detector, not an explanati
 
 The app's lungs-outside notice ("most of the evidence lies outside the lungs") needs a threshold
 that means something for the model at hand: `--store-notice` measures the lung focus of the
-checkpoint's maps on its correctly classified test X-rays (the split's test rows) and stores
-their 10th percentile in the checkpoint's description ("lung_focus_notice"), so the notice marks
-the maps less on the lungs than nine in ten of the model's correct answers:
+checkpoint's maps on its correctly classified validation X-rays (the split's val rows; the test
+rows stay unseen) and stores their 10th percentile in the checkpoint's description
+("lung_focus_notice"), so the notice marks the maps less on the lungs than nine in ten of the
+model's correct answers. It writes only into a checkpoint named on the command line:
 
-    covidxr audit --checkpoint covidxr/weights/covidxr-cxrnet.safetensors \\
-        --split-csv covidxr/weights/covidxr-cxrnet.split.csv --store-notice
+    covidxr audit --checkpoint runs/x/model.safetensors --store-notice
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import update_config
 from .data import data_dir, load_grayscale, parse_filters, read_manifest, select
-from .evaluate import unseen_rows
+from .evaluate import add_split_options, rows_to_score, split_file_for
 from .framing import dilate, uses_lungs
 from .model import build_model
 from .predictor import SHIPPED_CHECKPOINT, Predictor
@@ -280,39 +281,47 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default=None,
                         help="data folder with manifest.csv (default: $COVIDXR_DATA, else ../shared/data/cxr)")
     parser.add_argument("--manifest", default=None, help="another manifest (default: the data folder's)")
-    parser.add_argument("--split-csv", help="the checkpoint's split: leaves out its train and val patients")
+    add_split_options(parser)
     parser.add_argument("--filter", action="append", help="COLUMN=VALUE[,VALUE]")
     parser.add_argument("--limit", type=int, help="only the first N images (smoke runs)")
     parser.add_argument("--method", default="gradcam")
     parser.add_argument("--sanity-images", type=int, default=40, help="images for the randomised-weights check")
     parser.add_argument("--out", default="runs/audit")
     parser.add_argument("--split", default=None,
-                        help="only the rows of this split of --split-csv (e.g. val, to choose between runs)")
+                        help="only the rows of this split of the split file (e.g. val, to choose between runs)")
     parser.add_argument("--hand-masks", action="store_true",
                         help="only measure the COVID map's lung focus against the hand-drawn masks")
     parser.add_argument("--occlusion", action="store_true",
                         help="only the occlusion check: COVID AUROC with the lungs blanked and with all but them blanked")
     parser.add_argument("--store-notice", action="store_true",
                         help="only set the app's lungs-outside notice: the 10th percentile of lung focus on the "
-                             "correctly classified X-rays of --split (default: test) of --split-csv, stored in "
-                             "the checkpoint's description")
+                             "correctly classified X-rays of --split (default: val, never test unless asked) of "
+                             "the split file, stored in the description of --checkpoint (required: the packaged "
+                             "weights are not rewritten by default)")
     args = parser.parse_args(argv)
     if args.store_notice:
-        if not args.split_csv:
-            parser.error("--store-notice needs the checkpoint's --split-csv")
-        args.split = args.split or "test"
+        if not args.checkpoint:
+            parser.error("--store-notice writes into a checkpoint: name it with --checkpoint "
+                         "(the packaged weights are not rewritten by default)")
+        args.split = args.split or "val"
+        if args.split == "test":
+            print("tuning the notice on the test split: the test rows are then no longer unseen by it", file=sys.stderr)
 
-    predictor = Predictor.load(args.checkpoint)
+    checkpoint = args.checkpoint or SHIPPED_CHECKPOINT
+    predictor = Predictor.load(checkpoint)
     predictor.lungs_checkpoint = args.lungs
     label_map = predictor.config.get("label_map") or {c: c for c in predictor.classes}
     manifest = args.manifest or data_dir(args.data) / "manifest.csv"
     frame = select(read_manifest(manifest), parse_filters(args.filter), label_map)
     if args.split:
-        split = pd.read_csv(args.split_csv, dtype=str, keep_default_na=False)
+        split_csv = args.split_csv or split_file_for(checkpoint)
+        if split_csv is None:
+            parser.error(f"--split {args.split}: {checkpoint} has no split file beside it; pass --split-csv")
+        split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
         frame = frame[frame["filename"].isin(split.loc[split["split"] == args.split, "filename"])]
         frame = frame.reset_index(drop=True)
     else:
-        frame = unseen_rows(frame, args.split_csv)
+        frame, _ = rows_to_score(frame, checkpoint, args.split_csv, args.all_patients)
     if args.limit:
         frame = frame.head(args.limit)
     if args.hand_masks:
@@ -338,7 +347,6 @@ def main(argv: list[str] | None = None) -> dict:
     table = audit_frame(predictor, frame, args.method)
     if args.store_notice:
         rule = notice_rule(table, args.method) | {"split": args.split}
-        checkpoint = args.checkpoint or SHIPPED_CHECKPOINT
         update_config(checkpoint, {"lung_focus_notice": rule})
         print(json.dumps(rule, indent=2))
         print(f"stored in {checkpoint}")

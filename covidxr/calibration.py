@@ -29,9 +29,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.optimize import minimize_scalar  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from .checkpoint import read_config, update_config  # noqa: E402
+from .checkpoint import update_config  # noqa: E402
 
 TARGET_SENSITIVITY = 0.95
 
@@ -67,14 +68,21 @@ def fit_temperature(probabilities: np.ndarray, targets: np.ndarray) -> float:
     return float(result.x)
 
 
+def reliability(probabilities: np.ndarray, targets: np.ndarray, bins: int = 10) -> tuple[np.ndarray, ...]:
+    """(accuracy, mean confidence, images) per non-empty confidence bin of the top class, from
+    sklearn's `calibration_curve` with its uniform bins."""
+    confidence = probabilities.max(1)
+    correct = (probabilities.argmax(1) == targets).astype(float)
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=bins, strategy="uniform")
+    # The bins' sizes, counted the way calibration_curve assigns them.
+    sizes = np.bincount(np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], confidence), minlength=bins)
+    return accuracy, mean_confidence, sizes[sizes > 0]
+
+
 def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = 10) -> float:
     """Top-label ECE: |accuracy - confidence| per confidence bin, weighted by the bin's size."""
-    confidence = probabilities.max(1)
-    correct = probabilities.argmax(1) == targets
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
-                     for b in range(bins) if (which == b).any()))
+    accuracy, confidence, sizes = reliability(probabilities, targets, bins)
+    return float((np.abs(accuracy - confidence) * sizes).sum() / sizes.sum())
 
 
 def brier_score(probabilities: np.ndarray, targets: np.ndarray) -> float:
@@ -83,11 +91,21 @@ def brier_score(probabilities: np.ndarray, targets: np.ndarray) -> float:
     return float(((probabilities - truth) ** 2).sum(1).mean())
 
 
-def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: float) -> float:
-    """The highest threshold t with mean(scores[positive] >= t) >= target."""
-    positives = np.sort(scores[positive])[::-1]
-    needed = int(np.ceil(target * len(positives)))
-    return float(positives[max(needed, 1) - 1])
+def choose_threshold(scores: np.ndarray, positive: np.ndarray, rule: str, target_sensitivity: float | None = None) -> float:
+    """The one threshold chooser (calibration here, the validation operating point in training.py).
+
+    Rule "sensitivity": the highest threshold t whose sensitivity, mean(scores[positive] >= t),
+    reaches `target_sensitivity`. Rule "youden": the threshold that maximises sensitivity +
+    specificity (Youden's J); among equal J the lower one, since a missed positive costs more
+    than a false alarm. Both read sklearn's ROC curve at every distinct score.
+    """
+    fpr, tpr, thresholds = roc_curve(positive, scores, drop_intermediate=False)
+    if rule == "sensitivity":
+        return float(thresholds[np.argmax(tpr >= target_sensitivity - 1e-12)])
+    if rule == "youden":
+        j = tpr - fpr
+        return float(thresholds[np.flatnonzero(j == j.max())].min())
+    raise ValueError(f"unknown threshold rule {rule!r}: 'sensitivity' or 'youden'")
 
 
 def rates(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict:
@@ -99,13 +117,11 @@ def rates(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict:
 def reliability_diagram(before: np.ndarray, after: np.ndarray, targets: np.ndarray, path: Path,
                         bins: int = 10) -> Path:
     figure, axis = plt.subplots(figsize=(4.6, 4.4))
-    edges = np.linspace(0, 1, bins + 1)
     for probabilities, name, marker in ((before, "uncalibrated", "o"), (after, "temperature-scaled", "s")):
-        confidence, correct = probabilities.max(1), probabilities.argmax(1) == targets
-        which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-        used = [b for b in range(bins) if (which == b).sum() >= 3]
-        axis.plot([confidence[which == b].mean() for b in used], [correct[which == b].mean() for b in used],
-                  marker=marker, label=f"{name} (ECE {expected_calibration_error(probabilities, targets):.3f})")
+        accuracy, confidence, sizes = reliability(probabilities, targets, bins)
+        used = sizes >= 3  # a bin of one or two images says little
+        axis.plot(confidence[used], accuracy[used], marker=marker,
+                  label=f"{name} (ECE {expected_calibration_error(probabilities, targets, bins):.3f})")
     axis.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
     axis.set_xlabel("confidence (top class probability)")
     axis.set_ylabel("accuracy")
@@ -125,7 +141,7 @@ def calibrate(table: pd.DataFrame, probabilities: np.ndarray, classes: list[str]
     scaled = rescale(probabilities, temperature)
     covid = classes.index("covid")
     positive = targets == covid
-    threshold = threshold_for_sensitivity(scaled[:, covid], positive, target_sensitivity)
+    threshold = choose_threshold(scaled[:, covid], positive, "sensitivity", target_sensitivity)
     argmax_called = probabilities.argmax(1) == covid
     return {
         "images": int(len(targets)), "folds": int(table["fold"].nunique()) if "fold" in table else None,
@@ -144,11 +160,13 @@ def calibrate(table: pd.DataFrame, probabilities: np.ndarray, classes: list[str]
     }
 
 
-def stamp(checkpoint: str | Path, result: dict, folds_dir: str | Path) -> None:
-    """Write temperature and threshold into the checkpoint's description."""
+def stamp(checkpoint: str | Path, result: dict, folds_dir: str | Path) -> dict:
+    """Write temperature and threshold into the checkpoint's description. Its test metrics (and
+    lungs-outside notice) were measured under the old rule: `update_config` marks them stale
+    until `covidxr evaluate --store-metrics` measures them again. Returns the new description."""
     chosen_on = (f"out-of-fold probabilities of {result['folds'] or 'k'}-fold patient-grouped cross-validation "
                  f"on the training pool ({result['images']} images; {Path(folds_dir).name})")
-    update_config(checkpoint, {
+    return update_config(checkpoint, why=f"covidxr calibrate --folds-dir {Path(folds_dir).name}", changes={
         "calibration": {"temperature": result["temperature"], "method": "temperature scaling (NLL)",
                         "chosen_on": chosen_on, "ece_out_of_fold": round(result["calibrated"]["ece"], 4)},
         "decision": {"rule": "threshold", "class": "covid", "threshold": result["threshold"],
@@ -175,8 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
                         out / "reliability.png")
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
     if args.checkpoint:
-        stamp(args.checkpoint, result, args.folds_dir)
-        print(f"{args.checkpoint}: decision {read_config(args.checkpoint)['decision']}")
+        config = stamp(args.checkpoint, result, args.folds_dir)
+        print(f"{args.checkpoint}: decision {config['decision']}")
+        for field, why in (config.get("stale") or {}).items():
+            print(f"{args.checkpoint}: {field} marked stale ({why}); measure again with "
+                  f"`covidxr evaluate --checkpoint {args.checkpoint} --store-metrics`"
+                  + (" and `covidxr audit --store-notice`" if field == "lung_focus_notice" else ""))
     print(json.dumps(result, indent=2))
     return result
 

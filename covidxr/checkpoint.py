@@ -2,23 +2,73 @@
 
 The description (a JSON object in the safetensors header under the key "covidxr") holds all a
 reader needs to use the weights: architecture, classes, input size, normalisation, Grad-CAM
-layer, decision rule, training data fingerprint, test metrics, code version and date.
+layer, decision rule, training data fingerprint, test metrics, code version and date. Its fields
+and their meaning are listed once, in `Description`; `update_config` is the one writer for a
+saved checkpoint, and marks measured fields stale when what they were measured under changes.
 Nothing is unpickled: safetensors stores raw tensors and a JSON header only.
 """
 
 from __future__ import annotations
 
 import json
+import datetime
+import types
+import typing
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-FORMAT = "covidxr-checkpoint/1"
+FORMAT = "covidxr-checkpoint/2"
+# Formats this code reads. /1 is /2 without the `stale` field: its measurements count as current.
+READABLE_FORMATS = ("covidxr-checkpoint/1", FORMAT)
+
+
+class Description(TypedDict, total=False):
+    """The description a checkpoint carries, field by field (`format` covidxr-checkpoint/2).
+
+    A reader may meet fields that this list does not name (written by a newer covidxr): they are
+    kept as they are, and ignored. `REQUIRED_KEYS` says which fields each task must have.
+    """
+
+    format: str  # "covidxr-checkpoint/2": the version of this list
+    task: Literal["classification", "segmentation"]  # what the network does; "classification" when absent
+    arch: str  # the network's name in model.py / segment.py, e.g. "cxrnet", "densenet121", "efficientnet_lite0", "lung-unet"
+    classes: list[str]  # output order of the logits
+    label_map: dict[str, str]  # manifest label -> class, for the labels trained on
+    input_size: int  # the network's input is input_size x input_size pixels, one grayscale channel
+    normalisation: dict  # {"method": "minmax" | "equalize", "mean": float, "std": float} applied to [0, 1] pixels
+    framing: dict | None  # what part of the image the network reads (framing.py); None: the whole image
+    gradcam_layer: str  # the submodule whose activations Grad-CAM explains
+    widths: list[int]  # segmentation: the U-Net's channel widths per level
+    init: dict  # where the starting weights came from: {"source": ..., "licence": ...}; absent: random
+    decision: dict  # the decision rule (predictor.decide): {"rule": "argmax"} or {"rule": "threshold",
+    #                 "class": ..., "threshold": ..., "method": ..., "chosen_on": ...}
+    calibration: dict  # {"temperature": T, "method": ..., "chosen_on": ...}: logits / T before the softmax
+    parameters: int  # number of trainable parameters
+    data: dict  # the training data: manifest name, filters, train_data_sha256, images per split, split_seed
+    training: dict  # the training options (train.py's arguments) and how the run went
+    code_version: str  # covidxr version and commit that trained it
+    created: str  # ISO 8601 time of training
+    metrics: dict  # the headline test numbers (evaluate.summarise), measured under `decision` and
+    #                `calibration` as they were then; see `stale`
+    ood: dict  # the not-a-chest-X-ray check (ood.py): its statistics' description and thresholds
+    lung_focus_notice: dict  # the app's lungs-outside notice: threshold, percentile, split it was tuned on
+    stale: dict[str, str]  # measured fields whose inputs changed since they were measured: field -> why.
+    #                        A stale field is history, not a description of the model as it decides now.
+
+
 # What each kind of model must say about itself ("task"; a classifier when absent).
 REQUIRED_KEYS = {"classification": ("arch", "classes", "input_size", "normalisation", "gradcam_layer"),
                  "segmentation": ("arch", "input_size", "normalisation")}
+# Measured fields and what they were measured under: when a change rewrites one of the latter
+# and does not measure the field again, the field is marked stale. (The notice's numbers count
+# correctly classified X-rays, so they depend on the rule too; the test metrics do not depend on
+# the notice, which changes no label.)
+MEASURED_UNDER = {"metrics": ("decision", "calibration"),
+                  "lung_focus_notice": ("decision", "calibration")}
 
 
 class CheckpointError(ValueError):
@@ -31,9 +81,9 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict,
 
     `extra_tensors` (e.g. the not-an-X-ray statistics, ood.py) are stored as given, in float32.
     """
-    missing = _missing(config)
-    if missing:
-        raise CheckpointError(f"checkpoint config lacks {missing}")
+    problems = _problems({"format": FORMAT, **config})
+    if problems:
+        raise CheckpointError(f"checkpoint config: {'; '.join(problems)}")
     tensors = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
@@ -42,23 +92,45 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict,
         tensors[name] = tensor.detach().cpu().float().contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"covidxr": json.dumps({"format": FORMAT, **config})})
+    save_file(tensors, str(path), metadata={"covidxr": json.dumps({**config, "format": FORMAT})})
     return path
 
 
-def update_config(path: str | Path, changes: dict) -> None:
-    """Rewrite a checkpoint's description with `changes` merged in; the tensors are kept
-    byte for byte (same names, dtypes and values)."""
+def update_config(path: str | Path, changes: dict, why: str = "") -> dict:
+    """The one way to change a saved checkpoint's description: `changes` merged in, the tensors
+    kept byte for byte (same names, dtypes and values). Returns the new description.
+
+    A measured field (`MEASURED_UNDER`) whose inputs `changes` rewrites, and which `changes` does
+    not measure again, is marked stale with `why` (e.g. "decision rule set by covidxr calibrate");
+    a field `changes` does measure again is current once more."""
     with _open(path) as handle:
         config = _parse_config(path, handle.metadata())
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    config.update(changes)
-    missing = _missing(config)
-    if missing:
-        raise CheckpointError(f"checkpoint config lacks {missing}")
+    stale = dict(config.get("stale") or {})
+    for field in changes:
+        stale.pop(field, None)
+    today = datetime.date.today().isoformat()
+    for field, inputs in MEASURED_UNDER.items():
+        changed = [key for key in inputs if key in changes and changes[key] != config.get(key)]
+        if field in config and field not in changes and changed:
+            stale[field] = f"{' and '.join(changed)} changed on {today}" + (f" ({why})" if why else "")
+    config.update(changes, format=FORMAT)
+    if stale:
+        config["stale"] = stale
+    else:
+        config.pop("stale", None)
+    problems = _problems(config)
+    if problems:
+        raise CheckpointError(f"checkpoint description: {'; '.join(problems)}")
     partial = Path(path).with_suffix(".partial")
     save_file(tensors, str(partial), metadata={"covidxr": json.dumps(config)})
     partial.replace(path)
+    return config
+
+
+def current(config: dict, field: str):
+    """The field's value if it describes the checkpoint as it is now; None if absent or stale."""
+    return None if field in (config.get("stale") or {}) else config.get(field)
 
 
 def read_config(path: str | Path) -> dict:
@@ -98,16 +170,42 @@ def _parse_config(path, metadata: dict | None) -> dict:
         config = json.loads(metadata["covidxr"])
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: covidxr description is not valid JSON ({error})") from error
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
-    missing = _missing(config)
-    if missing:
-        raise CheckpointError(f"{path}: description lacks {missing}")
+    if config.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: format {config.get('format')!r}, expected one of {READABLE_FORMATS}")
+    problems = _problems(config)
+    if problems:
+        raise CheckpointError(f"{path}: description {'; '.join(problems)}")
     return config
 
 
-def _missing(config: dict) -> list[str]:
+def _problems(config: dict) -> list[str]:
+    """What is wrong with a description: required fields missing, known fields of the wrong type."""
     task = config.get("task", "classification")
     if task not in REQUIRED_KEYS:
-        return [f"a known task (got {task!r})"]
-    return [key for key in REQUIRED_KEYS[task] if key not in config]
+        return [f"lacks a known task (got {task!r})"]
+    problems = [f"lacks {key!r}" for key in REQUIRED_KEYS[task] if key not in config]
+    hints = typing.get_type_hints(Description)
+    problems += [f"field {key!r} should be {_name(hints[key])}, is {type(value).__name__}"
+                 for key, value in config.items() if key in hints and not _matches(value, hints[key])]
+    return problems
+
+
+def _matches(value, hint) -> bool:
+    """Whether a JSON value fits a Description field's type (containers checked at the top only)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    expected = origin or hint
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

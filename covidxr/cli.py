@@ -4,8 +4,8 @@
     covidxr serve                                     # the web app
     covidxr SUBCOMMAND --help                         # the options of each
 
-`python -m covidxr` is the same command. Each sub-command is the `main(argv)` of the module that
-does the work, imported only when it is run, so `covidxr --help` stays instant and one stage's
+`python -m covidxr` is the same command, built from argparse sub-parsers. Each sub-command is the
+`main(argv)` of the module that does the work, imported only when it is run, so `covidxr --help` stays instant and one stage's
 dependencies (Gradio for `serve`) are not loaded by another.
 """
 
@@ -41,15 +41,22 @@ EXTRAS = {"serve": "app", "bench": "test", "loadtest": "test"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    table = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+    """One sub-parser per command. Each takes no options of its own here: what follows the
+    command's name goes, unparsed, to the stage's own parser (parse_known_args), which owns its
+    options and its --help."""
     parser = argparse.ArgumentParser(
-        prog="covidxr", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="covidxr",
         description="COVID-19, normal or other pneumonia on chest X-rays, with the evidence shown. "
                     "Research and teaching only: not a medical device.",
-        epilog=f"commands:\n{table}\n\n`covidxr COMMAND --help` lists a command's options.")
+        epilog="`covidxr COMMAND --help` lists a command's options.")
     parser.add_argument("--version", action="version", version=f"covidxr {__version__}")
-    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="one of the commands below")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own options")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    for name, (_, help_) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_, add_help=False)
+        if name == "data":  # a group of one action for now: `covidxr data download ...`
+            actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
+            actions.add_parser("download", help="fetch the training images from their public sources",
+                               add_help=False)
     return parser
 
 
@@ -74,12 +81,8 @@ def _import(name: str, module: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    name, rest = args.command, args.args
-    if name == "data":  # a group of one action for now: `covidxr data download ...`
-        if rest[:1] != ["download"]:
-            parser.error("covidxr data: the action is `download` (see `covidxr data download --help`)")
-        name, rest = "data download", rest[1:]
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    name = f"{args.command} {args.action}" if args.command == "data" else args.command
     module = _import(name, COMMANDS[args.command][0])
     # The stage's own parser names itself after sys.argv[0]: "covidxr train", not "covidxr".
     saved = sys.argv[0]

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -376,7 +378,7 @@ def split_by_patient(frame: pd.DataFrame, seed: int, val_fraction: float = 0.15,
     frame["split"] = "eval_only"
     trainable = frame.index[frame["target"] != ""]
     sub = frame.loc[trainable]
-    groups = _patient_groups(sub)
+    groups = patient_groups(sub)
     strata = sub["target"] + "|" + sub["source_dataset"]
 
     def carve(index, fraction, salt):
@@ -402,16 +404,26 @@ def split_by_patient(frame: pd.DataFrame, seed: int, val_fraction: float = 0.15,
     return frame
 
 
-def _patient_groups(frame: pd.DataFrame) -> pd.Series:
-    # The first patient seen with a given sha256 names the group of every patient holding it.
-    first_patient_by_sha = {}
-    group_of_patient = {}
-    for patient, sha in zip(frame["patient_id"], frame["sha256"]):
-        if sha:
-            owner = first_patient_by_sha.setdefault(sha, patient)
-            group_of_patient.setdefault(patient, group_of_patient.get(owner, owner))
-        group_of_patient.setdefault(patient, patient)
-    return frame["patient_id"].map(group_of_patient)
+def patient_groups(frame: pd.DataFrame) -> pd.Series:
+    """A group name per row: patients who share an identical image (same sha256) are one group,
+    and so, transitively, is every patient linked to them through another shared image (the
+    connected components of the patient-image graph). The group is named after its first
+    patient in row order."""
+    patients = pd.Index(pd.unique(frame["patient_id"]))
+    shas = pd.Index(pd.unique(frame.loc[frame["sha256"] != "", "sha256"]))
+    with_sha = (frame["sha256"] != "").to_numpy()
+    # Nodes: patients 0..P-1, then images P..P+S-1; an edge joins a patient to each of its images.
+    rows = patients.get_indexer(frame["patient_id"][with_sha])
+    columns = len(patients) + shas.get_indexer(frame["sha256"][with_sha])
+    size = len(patients) + len(shas)
+    graph = coo_matrix((np.ones(len(rows)), (rows, columns)), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    # Name each component after its first patient (patients are indexed in order of appearance).
+    first_patient = {}
+    for index, patient in enumerate(patients):
+        first_patient.setdefault(component[index], patient)
+    names = [first_patient[component[index]] for index in range(len(patients))]
+    return frame["patient_id"].map(dict(zip(patients, names)))
 
 
 def assign_fold(frame: pd.DataFrame, folds: int, fold: int, seed: int) -> pd.DataFrame:
@@ -425,7 +437,7 @@ def assign_fold(frame: pd.DataFrame, folds: int, fold: int, seed: int) -> pd.Dat
     if strata.value_counts().min() < folds:
         strata = sub["target"]
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + 2)
-    held = list(splitter.split(pool, strata, _patient_groups(sub)))[fold][1]
+    held = list(splitter.split(pool, strata, patient_groups(sub)))[fold][1]
     frame.loc[pool, "split"] = "train"
     frame.loc[pool[held], "split"] = "val"
     check_split(frame)

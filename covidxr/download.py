@@ -2,7 +2,7 @@
 
     python -m covidxr data download --out DIR [--mirror URL] [--only covid,normal] [--limit N]
 
-The repository's `data/manifest.csv` lists every image the shipped model was trained and
+The package's list `covidxr/lists/manifest.csv` lists every image the shipped model was trained and
 tested on: the public URL of its original (pinned to a commit) and the original's sha256. This
 command fetches each original, refuses any whose bytes do not match the sha256, reduces it the
 way `../shared/data/cxr` was reduced (longer side at most 640 px, format kept; see
@@ -43,8 +43,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-# The repository's manifest, found from the package so the command works from any folder.
-REPO_MANIFEST = Path(__file__).resolve().parents[1] / "data" / "manifest.csv"
+# The list of originals: package data (covidxr/lists/), so the command finds it when installed.
+PACKAGED_MANIFEST = Path(__file__).resolve().parent / "lists" / "manifest.csv"
 
 # How ../shared/data/cxr was reduced, worked out from its files (data/README.md tells how):
 # longer side at most 640 px, new size rounded to the nearest pixel, the format and mode kept,
@@ -193,6 +193,17 @@ def fetch(url: str, timeout: float, retries: int, backoff: float) -> bytes:
     raise DownloadError(f"{reason} ({tries} {'try' if tries == 1 else 'tries'})")
 
 
+def fetch_verified(url: str, sha256: str, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0) -> bytes:
+    """The body at url (`fetch`: retries, size cap), refused unless its sha256 is the one listed.
+    The one downloader for the training data and the examples (examples.py)."""
+    body = fetch(url, timeout, retries, backoff)
+    digest = hashlib.sha256(body).hexdigest()
+    if digest != sha256.lower():
+        raise DownloadError(f"sha256 mismatch: got {digest[:12]}..., expected {sha256[:12]}...; "
+                            "refused, nothing written")
+    return body
+
+
 def _get(url: str, timeout: float) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "covidxr-data-download"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -299,11 +310,7 @@ def process_row(row: dict, out: Path, options: argparse.Namespace, masks: MaskSo
     else:
         url = mirrored(row["source_url"], options.mirror)
         try:
-            original = fetch(url, options.timeout, options.retries, options.backoff)
-            digest = hashlib.sha256(original).hexdigest()
-            if digest != row["sha256"].lower():
-                raise DownloadError(f"sha256 mismatch: got {digest[:12]}..., expected "
-                                    f"{row['sha256'][:12]}...; refused, nothing written")
+            original = fetch_verified(url, row["sha256"], options.timeout, options.retries, options.backoff)
             write_atomically(target, reduce_image(original))
             outcome = Outcome(row, "downloaded")
         except DownloadError as error:
@@ -392,11 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rebuild the training data: fetch every original in the manifest, check its sha256, "
                     "reduce it as ../shared/data/cxr was, write DIR/images/... and DIR/manifest.csv.",
         epilog="By downloading you accept each source's license (manifest column `license`; "
-               "several are non-commercial). See data/README.md.")
+               "several are non-commercial). See data/README.md in the repository.")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="folder to write images/ and manifest.csv into")
-    parser.add_argument("--manifest", type=Path, default=REPO_MANIFEST, metavar="FILE",
-                        help="manifest with the same columns (default: the repository's data/manifest.csv)")
+    parser.add_argument("--manifest", type=Path, default=PACKAGED_MANIFEST, metavar="FILE",
+                        help="manifest with the same columns (default: covidxr's own list, covidxr/lists/manifest.csv)")
     parser.add_argument("--mirror", default=None, metavar="URL",
                         help="replace the URLs' scheme and host by this one (a mirror or an offline cache), "
                              "e.g. http://127.0.0.1:8000/ or file:///media/cache/")

@@ -132,7 +132,9 @@ class Explanation:
 
 class _DecidingTarget:
     """A pytorch-grad-cam target that explains `target`, or, when that is None, the label the
-    checkpoint's decision rule gives for the logits it first sees."""
+    checkpoint's decision rule gives for the logits it first sees: the same probabilities the
+    label is decided from (logits / temperature, then the rule with its threshold), so the map
+    explains the class the page shows."""
 
     def __init__(self, predictor, target: str | None):
         self.predictor = predictor
@@ -140,7 +142,7 @@ class _DecidingTarget:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.target is None:
-            probabilities = torch.softmax(logits.detach().float(), dim=-1).cpu().numpy()
+            probabilities = torch.softmax(logits.detach().float() / self.predictor.temperature, dim=-1).cpu().numpy()
             self.target = self.predictor.classes[int(self.predictor.decide(probabilities[None])[0])]
         return logits[self.predictor.classes.index(self.target)]
 

@@ -36,6 +36,7 @@ from gradio.components.label import LabelConfidence, LabelData
 from PIL import Image
 from starlette.middleware import Middleware
 
+from .checkpoint import current
 from .data import ImageLoadError
 from .examples import FETCH_COMMAND, available_examples
 from .explain import METHODS, identical_methods, overlay
@@ -66,7 +67,9 @@ log = logging.getLogger("covidxr.serve")
 
 def model_facts(config: dict) -> str:
     """The model's own description, read from its checkpoint."""
-    metrics = config.get("metrics", {})
+    # Metrics measured under an earlier decision rule or calibration are not this model's: not shown.
+    metrics = current(config, "metrics") or {}
+    stale = (config.get("stale") or {}).get("metrics")
     data = config.get("data", {})
     lines = [f"**Architecture** {config['arch']} ({config.get('parameters', 0) / 1e6:.1f}M parameters), "
              f"input {config['input_size']}x{config['input_size']} grayscale, "
@@ -87,6 +90,9 @@ def model_facts(config: dict) -> str:
             lines.append(f"Adult normal X-rays called COVID: {metrics['adult_normals_called_covid']:.1%}. "
                          f"SARS images called COVID: {metrics['sars_called_covid']['k']} of "
                          f"{metrics['sars_called_covid']['n']}.")
+    if stale:
+        lines.append(f"**Test results** not shown: they were measured before the decision rule or calibration "
+                     f"changed ({stale}) and no longer describe how this model decides.")
     if data:
         lines.append(f"**Training data** {data.get('images', {}).get('train', '?')} images "
                      f"(`{Path(str(data.get('manifest', ''))).name}`, fingerprint "

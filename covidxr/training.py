@@ -30,7 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+from sklearn.preprocessing import label_binarize  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.optim.swa_utils import get_ema_multi_avg_fn  # noqa: E402
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
@@ -38,11 +39,12 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__, framing  # noqa: E402
 from . import pretrained as pretrained_weights  # noqa: E402
+from .calibration import choose_threshold  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .data import (XrayTensors, assign_fold, check_split, data_dir, data_hash, normalise,  # noqa: E402
                    parse_filters, parse_label_map, read_manifest, select, split_by_patient, training_augmentation)
+from .evaluate import evaluate_predictions, summarise, write_gallery, write_report  # noqa: E402
 from .hospitals import hospitals_dir, judge_all, read_hospital  # noqa: E402
-from .evaluate import evaluate_predictions, write_gallery, write_report  # noqa: E402
 from .model import (ARCHITECTURES, CAM_HEADS, build_model, class_activation_maps, count_parameters,  # noqa: E402
                     gradcam_layer_name)
 from .ood import fit_for  # noqa: E402
@@ -293,9 +295,16 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, norm: dict, de
 
 
 def macro_auroc(targets: np.ndarray, probabilities: np.ndarray) -> float:
-    scores = [roc_auc_score(targets == k, probabilities[:, k])
-              for k in range(probabilities.shape[1]) if 0 < (targets == k).sum() < len(targets)]
-    return float(np.mean(scores)) if scores else float("nan")
+    """Mean one-vs-rest AUROC (sklearn's multi_class="ovr"); over the classes present when a small
+    validation set lacks one."""
+    classes = probabilities.shape[1]
+    present = np.unique(targets)
+    if len(present) < 2:
+        return float("nan")
+    if len(present) == classes:
+        return float(roc_auc_score(targets, probabilities, multi_class="ovr", labels=range(classes)))
+    one_vs_rest = label_binarize(targets, classes=range(classes))[:, present]
+    return float(roc_auc_score(one_vs_rest, probabilities[:, present], average="macro"))
 
 
 def choose_operating_point(targets: np.ndarray, probabilities: np.ndarray, classes: list[str],
@@ -310,10 +319,7 @@ def choose_operating_point(targets: np.ndarray, probabilities: np.ndarray, class
     positive = targets == covid
     if positive.all() or not positive.any():
         return {"rule": "argmax"}
-    fpr, tpr, thresholds = roc_curve(positive, probabilities[:, covid])
-    j = tpr - fpr
-    best = np.flatnonzero(j == j.max())
-    threshold = float(np.clip(thresholds[best].min(), 0.05, 0.95))
+    threshold = float(np.clip(choose_threshold(probabilities[:, covid], positive, "youden"), 0.05, 0.95))
     return {"rule": "threshold", "class": "covid", "threshold": round(threshold, 4),
             "chosen_on": "validation", "method": "youden"}
 
@@ -773,20 +779,6 @@ def write_out_of_fold(rows: pd.DataFrame, probabilities: np.ndarray, classes: li
     for k, name in enumerate(classes):
         table[f"p_{name}"] = probabilities[:, k]
     table.to_csv(path, index=False)
-
-
-def summarise(report: dict) -> dict:
-    """The headline test numbers a checkpoint carries about itself."""
-    overall = report["overall"]
-    summary = {"split": "test", "n": overall["n"], "accuracy": overall["accuracy"]["value"],
-               "train_accuracy": report.get("train_accuracy")}
-    for name, m in overall["per_class"].items():
-        summary[name] = {"sensitivity": m["sensitivity"]["value"], "specificity": m["specificity"]["value"],
-                         "auroc": m["auroc"]["value"]}
-    if "adult_normals_called_covid" in report:
-        summary["adult_normals_called_covid"] = report["adult_normals_called_covid"]["value"]
-        summary["sars_called_covid"] = report["comparison_2020"]["sars_called_covid"]
-    return summary
 
 
 def main(argv: list[str] | None = None) -> Path | None:

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import MANIFEST, real_image
 from covidxr.audit import GROUPS, OCCLUSIONS, main, occluded_views, occlusion_summary, randomisation_check
-from covidxr.predictor import SHIPPED_SPLIT
+from covidxr.predictor import SHIPPED_CHECKPOINT, SHIPPED_SPLIT
 from covidxr.segment import evidence_shares
 
 
@@ -52,36 +52,35 @@ def test_randomised_weights_change_the_maps(manifest_frame, predictor):
 
 
 @pytest.mark.slow
-def test_store_notice_sets_the_threshold_from_correct_test_xrays(tmp_path):
-    """`--store-notice`: the 10th percentile of lung focus on the correctly classified test rows,
+def test_store_notice_sets_the_threshold_from_correct_validation_xrays(tmp_path):
+    """`--store-notice`: the 10th percentile of lung focus on the correctly classified val rows,
     written into the checkpoint's description; the weights stay as they were; the app reads it."""
     import shutil
 
     import torch
 
     from covidxr.checkpoint import load_checkpoint, read_config
-    from covidxr.predictor import SHIPPED_CHECKPOINT
     from covidxr.serve import notice_facts, notice_rule
 
     checkpoint = tmp_path / "model.safetensors"
     shutil.copy(SHIPPED_CHECKPOINT, checkpoint)
-    with pytest.raises(SystemExit):  # which X-rays are the test ones is the split's to say
+    with pytest.raises(SystemExit):  # which X-rays are the validation ones is the split's to say
         main(["--checkpoint", str(checkpoint), "--manifest", str(MANIFEST), "--store-notice"])
     result = main(["--checkpoint", str(checkpoint), "--manifest", str(MANIFEST), "--split-csv", str(SHIPPED_SPLIT),
                    "--store-notice", "--limit", "12"])
     table = result["table"]
     split = pd.read_csv(SHIPPED_SPLIT)
-    assert set(table["filename"]) <= set(split.loc[split["split"] == "test", "filename"]) and len(table) == 12
+    assert set(table["filename"]) <= set(split.loc[split["split"] == "val", "filename"]) and len(table) == 12
     correct = table.loc[table["correct"] == "yes", "lung_focus"]
     stored = read_config(checkpoint)["lung_focus_notice"]
-    assert stored == result["notice"] and stored["split"] == "test" and stored["images"] == len(correct) > 0
+    assert stored == result["notice"] and stored["split"] == "val" and stored["images"] == len(correct) > 0
     assert stored["threshold"] == pytest.approx(np.percentile(correct, 10))
     assert stored["fires_on_correct"] == pytest.approx((correct < stored["threshold"]).mean())
     before, _ = load_checkpoint(SHIPPED_CHECKPOINT)
     after, config = load_checkpoint(checkpoint)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert notice_rule(config) == stored
-    assert f"{stored['threshold']:.1%}" in notice_facts(config) and "correctly classified test X-rays" in notice_facts(config)
+    assert f"{stored['threshold']:.1%}" in notice_facts(config) and "correctly classified val X-rays" in notice_facts(config)
 
 
 def test_occluded_views_blank_one_side_of_the_dilated_lungs():
@@ -128,3 +127,11 @@ def test_occlusion_check_refuses_a_lung_reading_checkpoint(predictor):
     reads_lungs = Predictor(predictor.model, dict(predictor.config, framing=LUNG_CROP))
     with pytest.raises(ValueError, match="whole-image checkpoints"):
         occlusion_frame(reads_lungs, pd.DataFrame(columns=["path"]))
+
+
+def test_store_notice_never_rewrites_the_packaged_weights_by_default(capsys):
+    before = SHIPPED_CHECKPOINT.read_bytes()
+    with pytest.raises(SystemExit):
+        main(["--store-notice", "--limit", "2"])
+    assert "--checkpoint" in capsys.readouterr().err
+    assert SHIPPED_CHECKPOINT.read_bytes() == before

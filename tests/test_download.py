@@ -147,10 +147,10 @@ def leftovers(folder: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 def test_repository_manifest_has_the_shared_manifests_rows():
-    ours = pd.read_csv(REPO / "data" / "manifest.csv", dtype=str, keep_default_na=False)
+    ours = pd.read_csv(REPO / "covidxr" / "lists" / "manifest.csv", dtype=str, keep_default_na=False)
     shared = pd.read_csv(MANIFEST, dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(ours, shared)
-    assert download.REPO_MANIFEST == REPO / "data" / "manifest.csv"
+    assert download.PACKAGED_MANIFEST == REPO / "covidxr" / "lists" / "manifest.csv"
     # Every row can be fetched and checked: a URL pinned to a commit and a sha256.
     assert ours["source_url"].str.fullmatch(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[0-9a-f]{40}/.+").all()
     assert ours["sha256"].str.fullmatch(r"[0-9a-f]{64}").all() and ours["filename"].is_unique

@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxr.evaluate import evaluate_predictions, main, proportion, unseen_rows
+from covidxr.evaluate import (auroc, clustered_proportion, evaluate_predictions, main, proportion, rows_to_score,
+                              split_file_for, unseen_rows, wilson_interval)
+from covidxr.predictor import SHIPPED_CHECKPOINT, SHIPPED_SPLIT
 from covidxr.predictor import decide
 
 CLASSES = ["covid", "normal", "pneumonia"]
@@ -63,6 +65,64 @@ def test_wilson_interval_brackets_the_rate():
     assert proportion(5, 5)["ci95"][1] == pytest.approx(1.0)
 
 
+def test_wilson_interval_is_scipys_on_whole_counts():
+    from scipy.stats import binomtest
+
+    for k, n in ((0, 7), (3, 10), (52, 55), (20, 20)):
+        expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k / n, n) == pytest.approx((expected.low, expected.high), abs=1e-6)
+
+
+def test_films_of_one_patient_count_as_less_than_independent_films():
+    # 10 patients with 6 films each, every film of a patient called alike (7 of 10 right): the
+    # rate is 0.7 either way, but there are 10 observations' worth of evidence, not 60.
+    hits = np.repeat([1, 1, 1, 1, 1, 1, 1, 0, 0, 0], 6).astype(bool)
+    patients = np.repeat(np.arange(10), 6)
+    by_patient = clustered_proportion(hits, patients)
+    assert by_patient["value"] == pytest.approx(0.7) and by_patient["n"] == 60 and by_patient["patients"] == 10
+    assert by_patient["ci95"] == pytest.approx(list(wilson_interval(0.7, 10)), abs=1e-9)
+    as_images = clustered_proportion(hits, np.arange(60))
+    assert as_images["ci95"] == pytest.approx(list(wilson_interval(0.7, 60)), abs=1e-9)
+    assert by_patient["ci95"][0] < as_images["ci95"][0] - 0.1
+    # All right: the interval is the one for 10 patients, not 60 films.
+    assert clustered_proportion(np.ones(60, bool), patients)["ci95"][0] == pytest.approx(wilson_interval(1.0, 10)[0])
+
+
+def test_auroc_bootstrap_resamples_patients():
+    rng = np.random.default_rng(1)
+    # 30 patients, 8 films each; each patient's films share one score (their films look alike).
+    patients = np.repeat(np.arange(30), 8)
+    positive = np.repeat(np.arange(30) % 2 == 0, 8)
+    scores = np.repeat(rng.normal(size=30), 8) + positive * 0.8
+    by_patient = auroc(positive, scores, patients, bootstrap=200)
+    by_image = auroc(positive, scores, None, bootstrap=200)
+    assert by_patient["value"] == by_image["value"]
+    width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
+    assert width(by_patient) > 2 * width(by_image)
+
+
+def test_evaluation_leaves_out_the_checkpoints_training_patients_by_default(manifest_frame, capsys):
+    assert split_file_for(SHIPPED_CHECKPOINT) == SHIPPED_SPLIT
+    scored, used = rows_to_score(manifest_frame, SHIPPED_CHECKPOINT, None, all_patients=False)
+    split = pd.read_csv(SHIPPED_SPLIT, dtype=str, keep_default_na=False)
+    trained = set(split.loc[split["split"].isin(["train", "val"]), "patient_id"])
+    assert used == SHIPPED_SPLIT and len(scored) < len(manifest_frame)
+    assert not set(scored["patient_id"]) & trained
+    assert set(split.loc[split["split"] == "test", "filename"]) <= set(scored["filename"])
+    everything, _ = rows_to_score(manifest_frame, SHIPPED_CHECKPOINT, None, all_patients=True)
+    assert len(everything) == len(manifest_frame)
+    assert "overstate" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_a_split_file_is_refused_unless_asked(tmp_path):
+    import shutil
+
+    checkpoint = tmp_path / "elsewhere.safetensors"
+    shutil.copyfile(SHIPPED_CHECKPOINT, checkpoint)
+    with pytest.raises(SystemExit, match="--all-patients"):
+        main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), "--limit", "2"])
+
+
 def test_threshold_decision_rule():
     probabilities = np.array([[0.3, 0.6, 0.1], [0.2, 0.3, 0.5], [0.05, 0.9, 0.05]])
     rule = {"rule": "threshold", "class": "covid", "threshold": 0.25}
@@ -83,8 +143,10 @@ def test_unseen_rows_drop_training_patients(tmp_path):
 @pytest.mark.slow
 def test_evaluate_command_on_real_images(tiny_run, small_manifest, tmp_path):
     out = tmp_path / "eval"
+    # --all-patients: this checks the report's parts on every label and source of the small
+    # manifest, some of whose patients the tiny run trained on.
     report = main(["--checkpoint", str(tiny_run / "model.safetensors"), "--manifest", str(small_manifest),
-                   "--out", str(out)])
+                   "--out", str(out), "--all-patients"])
     overall = report["overall"]
     assert overall["n"] > 20 and 0 <= overall["accuracy"]["value"] <= 1
     for name in CLASSES:

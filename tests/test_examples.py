@@ -3,12 +3,13 @@
 import functools
 import hashlib
 import http.server
+import shutil
 import threading
 
 import pandas as pd
 import pytest
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, REPO
 from covidxr.examples import EXAMPLES_CSV, available_examples, main, read_examples
 
 
@@ -27,9 +28,10 @@ def test_listed_examples_cover_the_cases_and_exist_in_the_dataset(manifest_frame
 def test_listed_calls_are_the_shipped_models(examples_dir, predictor, tmp_path):
     """`model_called` in the committed list is what the shipped model decides (rewritten by
     `covidxr examples --describe` whenever a model ships), and the case listed as missed is one."""
-    csv = examples_dir / "examples.csv"
+    csv = tmp_path / "examples.csv"
+    shutil.copyfile(EXAMPLES_CSV, csv)  # described here: the packaged list stays as committed
     committed = read_examples(EXAMPLES_CSV)
-    assert main(["--describe", "--csv", str(csv)]) == 0
+    assert main(["--describe", "--csv", str(csv), "--dest", str(examples_dir)]) == 0
     described = read_examples(csv)
     assert list(described["model_called"]) == list(committed["model_called"])
     for row in described.to_dict("records"):
@@ -74,3 +76,16 @@ def test_download_keeps_only_files_whose_sha256_matches(file_server, tmp_path):
     assert (dest / "good.png").read_bytes() == good
     assert not (dest / "tampered.png").exists() and not (dest / "absent.png").exists()
     assert [path.name for path, _ in available_examples(dest)] == ["good.png"]
+
+
+def test_the_images_go_to_a_folder_of_the_users_when_installed(monkeypatch, tmp_path):
+    from covidxr import examples
+
+    monkeypatch.setenv("COVIDXR_EXAMPLES", str(tmp_path / "mine"))
+    assert examples.examples_dir() == tmp_path / "mine"
+    monkeypatch.delenv("COVIDXR_EXAMPLES")
+    assert examples.examples_dir() == REPO / "examples"  # a checkout: beside the code
+    # An installed package (no pyproject.toml above it): the user's cache, not site-packages.
+    monkeypatch.setattr(examples, "__file__", str(tmp_path / "site-packages" / "covidxr" / "examples.py"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert examples.examples_dir() == tmp_path / "cache" / "covidxr" / "examples"

@@ -188,3 +188,26 @@ def test_methods_said_to_be_identical_give_the_same_map(predictor, manifest_fram
             assert np.abs(predictor.explain(path, method="gradcam++", target=target).heatmap - reference).max() > 0.01
     # densenet121 explains its last batch norm, before a ReLU: every method gives its own map.
     assert identical_methods(dict(predictor.config, arch="densenet121", gradcam_layer="features.norm5")) == {}
+
+
+def test_the_explained_class_is_the_decided_class_under_temperature_and_threshold(predictor, covid_xray):
+    # A checkpoint whose temperature and threshold decide otherwise than the raw softmax does:
+    # the map must explain the class the label shows, not the raw softmax's choice.
+    raw = predictor.predict(covid_xray).probabilities
+    raw_choice = max(raw, key=raw.get)
+    temperature = 8.0
+    logits = np.log(np.clip([raw[c] for c in predictor.classes], 1e-12, 1)) * predictor.temperature
+    tempered = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+    chosen = predictor.classes.index(raw_choice)
+    assert tempered[chosen] < raw[raw_choice] - 0.05, "the image is too uncertain for this test"
+    # Threshold between the tempered and the raw probability of the raw choice: the raw softmax
+    # calls that class, the checkpoint's rule (tempered probabilities) does not.
+    threshold = float((tempered[chosen] + raw[raw_choice]) / 2)
+    config = dict(predictor.config, calibration={"temperature": temperature},
+                  decision={"rule": "threshold", "class": raw_choice, "threshold": threshold})
+    calibrated = Predictor(predictor.model, config, predictor.device, predictor.ood)
+    decided = calibrated.predict(covid_xray).label
+    assert decided != raw_choice
+    explanation = calibrated.explain(covid_xray)
+    assert explanation.prediction.label == decided
+    assert explanation.target == decided

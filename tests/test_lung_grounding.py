@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import DATA_DIR, MANIFEST
 from covidxr import Predictor, framing
-from covidxr.calibration import (brier_score, calibrate, expected_calibration_error, fit_temperature, rescale,
-                                 threshold_for_sensitivity)
+from covidxr.calibration import (brier_score, calibrate, choose_threshold, expected_calibration_error,
+                                 fit_temperature, rescale)
 from covidxr.checkpoint import load_checkpoint, read_config, update_config
 from covidxr.data import assign_fold, load_grayscale, read_manifest, select, split_by_patient
 from covidxr.segment import LungSegmenter
@@ -119,10 +119,39 @@ def test_temperature_is_recovered_from_overconfident_probabilities():
 def test_threshold_is_the_highest_that_reaches_the_sensitivity():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.6, 0.2])
     positive = np.array([True] * 10 + [False] * 2)
-    threshold = threshold_for_sensitivity(scores, positive, 0.8)
+    threshold = choose_threshold(scores, positive, "sensitivity", 0.8)
     assert threshold == 0.2
     assert (scores[positive] >= threshold).mean() >= 0.8
     assert (scores[positive] >= threshold + 1e-6).mean() < 0.8
+
+
+def test_youden_threshold_maximises_sensitivity_plus_specificity_lowest_among_ties():
+    scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.6, 0.35, 0.2, 0.1])
+    positive = np.array([True] * 5 + [False] * 4)
+    threshold = choose_threshold(scores, positive, "youden")
+    # Every candidate threshold, J worked out here by hand-counting.
+    def j(t):
+        return (scores[positive] >= t).mean() + (scores[~positive] < t).mean() - 1
+    best = max(j(t) for t in scores)
+    assert j(threshold) == pytest.approx(best)
+    assert threshold == min(t for t in scores if j(t) == pytest.approx(best))
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        choose_threshold(scores, positive, "median")
+
+
+def test_calibration_error_uses_sklearns_bins():
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(3)
+    probabilities = rng.dirichlet([2, 1, 1], 500)
+    targets = rng.integers(0, 3, 500)
+    accuracy, confidence = calibration_curve(probabilities.argmax(1) == targets, probabilities.max(1), n_bins=10)
+    edges = np.linspace(0, 1, 11)
+    sizes = np.array([((probabilities.max(1) > lo) & (probabilities.max(1) <= hi)).sum()
+                      for lo, hi in zip(edges[:-1], edges[1:])])
+    sizes = sizes[sizes > 0]
+    assert expected_calibration_error(probabilities, targets) == pytest.approx(
+        (np.abs(accuracy - confidence) * sizes).sum() / 500)
 
 
 @pytest.mark.slow  # trains, or reads the whole manifest
@@ -146,6 +175,8 @@ def test_calibration_is_stamped_into_the_checkpoint_and_used(tmp_path, tiny_run)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert config["decision"] == read_config(checkpoint)["decision"]
     assert config["decision"]["threshold"] == result["threshold"]
+    # The test metrics were measured under the old rule: kept as history, marked stale.
+    assert "metrics" in config["stale"] and "covidxr calibrate" in config["stale"]["metrics"]
     predictor = Predictor.load(checkpoint)
     assert predictor.temperature == result["temperature"]
     plain = Predictor.load(tiny_run / "model.safetensors")

@@ -199,3 +199,74 @@ def test_shipped_splits_name_no_absolute_path(split):
     assert "path" not in frame.columns
     for column in frame.columns:
         assert not frame[column].str.match(r"^(/|[A-Za-z]:\\)").any(), column
+
+
+# -- installed, not a checkout ------------------------------------------------------------------
+
+@pytest.mark.slow  # a fresh venv and a pip install: a minute
+def test_an_installed_covidxr_finds_its_lists_from_another_folder(tmp_path):
+    """`pip install .` into a fresh venv, then run from a folder that is no checkout: `covidxr
+    examples` and `covidxr data download` find their lists (package data), and the examples land
+    where `covidxr serve` looks for them."""
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+    import urllib.parse
+
+    from conftest import DATA_DIR
+
+    # The package's files only, as a clean clone holds them.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "covidxr", source / "covidxr", ignore=shutil.ignore_patterns("__pycache__"))
+    # A fresh venv that sees this environment's dependencies (torch, ...) but not its covidxr:
+    # a plain path entry, so the editable install's finder (.pth) in there is not run.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PIP_NO_INDEX": "1"}
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(source)],
+                   check=True, cwd=tmp_path, env=env)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def covidxr(*args):
+        return subprocess.run([venv / "bin" / "covidxr", *args], capture_output=True, text=True, cwd=elsewhere,
+                              env=env, timeout=300)
+
+    where = subprocess.run([python, "-c", "import covidxr; print(covidxr.__file__)"], capture_output=True,
+                           text=True, cwd=elsewhere, env=env, check=True).stdout
+    assert where.startswith(site), where  # the installed copy, not the checkout
+
+    # The examples: the packaged list, copied by sha256 from the local dataset into the user's cache.
+    fetched = covidxr("examples", "--from", str(DATA_DIR))
+    examples = pd.read_csv(REPO / "covidxr" / "lists" / "examples.csv")
+    assert fetched.returncode == 0, fetched.stderr
+    assert f"{len(examples)} of {len(examples)} examples" in fetched.stdout
+    shown = subprocess.run([python, "-c", "from covidxr.examples import available_examples; "
+                                          "print(len(available_examples()))"],
+                           capture_output=True, text=True, cwd=elsewhere, env=env, check=True).stdout
+    assert int(shown) == len(examples)  # what `covidxr serve` will show
+    assert (tmp_path / "cache" / "covidxr" / "examples" / examples["file_name"][0]).is_file()
+
+    # The training data: the packaged manifest's URLs, fetched from a mirror. The shared folder
+    # holds reduced copies, not the originals, so every file is refused by its sha256: what is
+    # checked is that the list was found and its rows fetched from the mirror.
+    manifest = pd.read_csv(REPO / "covidxr" / "lists" / "manifest.csv", dtype=str, keep_default_na=False)
+    chosen = manifest.groupby("label", sort=False).head(2)
+    mirror = tmp_path / "mirror"
+    for url in chosen["source_url"]:
+        served = mirror / urllib.parse.unquote(urllib.parse.urlsplit(url).path).lstrip("/")
+        served.parent.mkdir(parents=True, exist_ok=True)
+        served.write_bytes(b"not the original")
+    run = covidxr("data", "download", "--limit", "2", "--mirror", mirror.as_uri() + "/", "--out",
+                  str(elsewhere / "cxr"), "--retries", "0")
+    assert f"0 downloaded, 0 already present, {len(chosen)} failed (of {len(chosen)})" in run.stdout, run.stdout
+    assert run.stdout.count("sha256 mismatch") == len(chosen), run.stdout

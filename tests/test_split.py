@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from conftest import MANIFEST
-from covidxr.data import SplitLeakError, check_split, parse_label_map, read_manifest, select, split_by_patient
+from covidxr.data import (SplitLeakError, check_split, parse_label_map, patient_groups, read_manifest, select,
+                          split_by_patient)
 
 CLASSES = ["covid", "normal", "pneumonia"]
 
@@ -76,3 +77,23 @@ def test_duplicate_image_across_patients_stays_on_one_side():
     for seed in range(5):
         split = split_by_patient(pd.DataFrame(rows), seed=seed)
         assert split.loc[split["sha256"] == "s0", "split"].nunique() == 1
+
+
+def test_duplicate_grouping_is_transitive():
+    # C shares sha2 with B, B shares sha1 with A: all three patients hold one group, though C and
+    # A share no image directly (a first-owner rule put C apart from A and B).
+    frame = pd.DataFrame({"patient_id": ["C", "A", "B", "B", "D"],
+                          "sha256": ["sha2", "sha1", "sha1", "sha2", "sha3"]})
+    groups = patient_groups(frame)
+    assert groups.iloc[:4].nunique() == 1
+    assert groups.iloc[4] != groups.iloc[0]  # an unrelated patient stays its own group
+
+
+def test_transitive_duplicates_split_without_leak():
+    rows = [{"patient_id": f"p{k}", "sha256": f"s{k}", "target": ["covid", "normal"][k % 2],
+             "source_dataset": "x", "label": ["covid", "normal"][k % 2]} for k in range(40)]
+    rows += [{"patient_id": "C", "sha256": "s2", "target": "covid", "source_dataset": "x", "label": "covid"},
+             {"patient_id": "p1", "sha256": "s2", "target": "covid", "source_dataset": "x", "label": "covid"}]
+    for seed in range(5):
+        split = split_by_patient(pd.DataFrame(rows), seed=seed)  # raised SplitLeakError before
+        assert split.loc[split["patient_id"].isin(["C", "p1", "p2"]), "split"].nunique() == 1
