@@ -20,7 +20,9 @@ look of one source:
   and few undecided pixels, `max_undecided`) and large enough (`min_area` of the image). A
   photo, a document or a face gives no lungs, scattered specks, or blobs of the wrong shape.
   The test is run on the image and on its inverse: a MONOCHROME1 film written out without its
-  inversion is an X-ray, and gets a warning that it looks inverted.
+  inversion is an X-ray, and gets a warning that it looks inverted. The inverse must match the
+  template more closely (`min_template_iou_inverse`): the inverse of a photo or a page yields
+  lung-like blobs more often than the picture itself.
 
 Every number is in `covidxr/weights/covidxr-xraycheck.json` (`XrayCheck.load`): the template
 and the thresholds. The thresholds were set on the training X-rays and on simulated hospital
@@ -91,11 +93,11 @@ class XrayCheck:
     def load(cls, path: str | Path | None = None) -> "XrayCheck":
         return cls(json.loads(Path(path or SHIPPED_RULES).read_text()))
 
-    def lungs_plausible(self, evidence: dict) -> bool:
+    def lungs_plausible(self, evidence: dict, inverse: bool = False) -> bool:
         rule = self.rules["lungs"]
+        overlap = rule["min_template_iou_inverse" if inverse else "min_template_iou"]
         return (evidence["area"] >= rule["min_area"] and evidence["confidence"] >= rule["min_confidence"]
-                and evidence["undecided"] <= rule["max_undecided"]
-                and evidence["template_iou"] >= rule["min_template_iou"])
+                and evidence["undecided"] <= rule["max_undecided"] and evidence["template_iou"] >= overlap)
 
     def lung_evidence(self, gray: np.ndarray, segmenter) -> tuple[dict, dict]:
         """(lung evidence of the image, of its inverse), from one batch through the lung model."""
@@ -129,7 +131,7 @@ class XrayCheck:
         finding.evidence |= {"lungs": upright, "inverse_lungs": inverse}
         if self.lungs_plausible(upright):
             return finding
-        if self.lungs_plausible(inverse):
+        if self.lungs_plausible(inverse, inverse=True):
             finding.warnings.append("This X-ray looks inverted (bones dark, lungs bright), as a MONOCHROME1 film "
                                     "written out without its inversion would: the model reads it as it is, so "
                                     "give the prediction less weight, or invert the image and try again.")
