@@ -170,10 +170,11 @@ class Predictor:
 
         The refusal rests on evidence that does not depend on this classifier (xray_check.py:
         size, colour, gray levels, lungs found by the lung model); the distance of the
-        classifier's features from its training images (ood.py) only warns."""
+        classifier's features from its training images (ood.py) only warns, and only of an image
+        that is read (its words are for an X-ray)."""
         finding = self.xray_check.examine(gray, colourfulness, self.segmenter)
         warnings = list(finding.warnings)
-        if self.ood is not None and features is not None:
+        if self.ood is not None and features is not None and not finding.reasons:
             distance = float(self.ood.distance(np.asarray(features).reshape(1, -1))[0])
             warnings += self.ood.warnings(distance)
         return list(finding.reasons), warnings

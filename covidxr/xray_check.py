@@ -20,7 +20,8 @@ look of one source:
   and few undecided pixels, `max_undecided`) and large enough (`min_area` of the image). A
   photo, a document or a face gives no lungs, scattered specks, or blobs of the wrong shape.
   The test is run on the image and on its inverse: a MONOCHROME1 film written out without its
-  inversion is an X-ray, and gets a warning that it looks inverted. The inverse must match the
+  inversion is an X-ray, and gets a warning that it looks inverted (when its inverse matches the
+  template better by `inverted_margin`, or only its inverse has lungs). The inverse must match the
   template more closely (`min_template_iou_inverse`): the inverse of a photo or a page yields
   lung-like blobs more often than the picture itself.
 
@@ -129,12 +130,14 @@ class XrayCheck:
             return finding
         upright, inverse = self.lung_evidence(gray, segmenter)
         finding.evidence |= {"lungs": upright, "inverse_lungs": inverse}
-        if self.lungs_plausible(upright):
-            return finding
-        if self.lungs_plausible(inverse, inverse=True):
+        upright_ok, inverse_ok = self.lungs_plausible(upright), self.lungs_plausible(inverse, inverse=True)
+        looks_inverted = inverse_ok and (not upright_ok or inverse["template_iou"] >= upright["template_iou"]
+                                         + self.rules["lungs"]["inverted_margin"])
+        if looks_inverted:
             finding.warnings.append("This X-ray looks inverted (bones dark, lungs bright), as a MONOCHROME1 film "
                                     "written out without its inversion would: the model reads it as it is, so "
                                     "give the prediction less weight, or invert the image and try again.")
+        if upright_ok or inverse_ok:
             return finding
         finding.reasons.append("No pair of lungs was found in it (the lung model finds them on chest X-rays "
                                "from other hospitals too): it does not look like a frontal chest X-ray.")

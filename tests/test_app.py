@@ -101,7 +101,7 @@ def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
     label, original, overlay, summary, shown = xray_app.analyse_and_keep(str(path))
     prediction = xray_app.predictor.predict(path)
     assert prediction.not_an_xray and set(prediction.probabilities) == set(xray_app.predictor.classes)
-    assert label == NOT_AN_XRAY and label not in xray_app.predictor.classes
+    assert label.label == NOT_AN_XRAY and label.label not in xray_app.predictor.classes and not label.confidences
     assert summary.startswith(f"### {NOT_AN_XRAY_HEADLINE}\n")
     assert "Prediction:" not in summary and "Lung focus" not in summary and "outside the lungs" not in summary
     assert all(warning in summary for warning in prediction.warnings)
@@ -118,10 +118,12 @@ def test_an_unusual_xray_keeps_its_prediction_with_the_warning(xray_app, manifes
 
     from covidxr.framing import NO_LUNGS_WARNING
 
+    from covidxr import report
+
     explanation = xray_app.predictor.explain(real_image(manifest_frame, "normal", "nih14"))
     unusual = dataclasses.replace(explanation, prediction=dataclasses.replace(
         explanation.prediction, warnings=[NO_LUNGS_WARNING]))
-    summary = xray_app.summary(unusual, "gradcam")
+    summary = report.markdown(unusual.verdict)
     assert summary.startswith(f"### Prediction: {explanation.prediction.label}\n")
     assert NO_LUNGS_WARNING in summary and "Lung focus" not in summary
 
@@ -196,7 +198,7 @@ def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, mani
     label, original, overlay, summary, shown = xray_app.show(str(bad))
     assert label.label == NO_RESULT and not label.confidences
     assert original is None and overlay is None and shown is None
-    assert summary == f"### {ERROR_HEADLINE}\nnotes.png: not an image we can read"
+    assert summary.startswith(f"### {ERROR_HEADLINE}\nnotes.png: not an image we can read")
     with pytest.raises(gr.Error, match="notes.png: not an image we can read"):
         xray_app.analyse(str(bad))
     # An unexpected failure clears the result too, with a general message.
