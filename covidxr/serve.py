@@ -3,9 +3,11 @@
 `main` is its command line (`python app.py`, `covidxr serve`). The one analysis function,
 `XrayApp.analyse_and_keep`, serves the upload, the examples, a change of method or class and
 the programmatic endpoint `/predict` alike, one request per user action; a new opacity only
-re-blends the map kept for the session. An input the not-an-X-ray check flags is refused: no
-class is called, the probabilities are greyed detail. `XrayApp.admit` checks each request
-before it may join the queue.
+re-blends the map kept for the session. What the page says is the analysis's verdict
+(report.py), as in the CLI and the API: this module only wires it into Gradio. An input the
+not-an-X-ray check refuses gets no class, the probabilities are greyed detail; a file that
+cannot be read gets its error in the result area (`XrayApp.show`), in place of the previous
+result. `XrayApp.admit` checks each request before it may join the queue.
 
 For a server others can reach: uploads and results live in the app's own temp folder and are
 deleted an hour after they were made (and all of them when the app stops), usage analytics

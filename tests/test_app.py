@@ -352,7 +352,7 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         label = page.locator("#prediction")
         shown_label = label.inner_text()
-        assert page.locator("#legend").get_by_text("strongest").is_visible()
+        assert page.locator("#legend").get_by_text("strongest", exact=True).is_visible()
 
         # A new upload resets the class explained (pneumonia above) to the predicted one.
         example = next(p for p in sorted(examples_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
