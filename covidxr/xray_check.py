@@ -104,7 +104,8 @@ class XrayCheck:
         """(lung evidence of the image, of its inverse), from one batch through the lung model."""
         from .data import prepare
 
-        batch = torch.stack([prepare(gray, LUNG_SIDE), prepare(1.0 - gray, LUNG_SIDE)])
+        upright = prepare(gray, LUNG_SIDE)
+        batch = torch.stack([upright, 255 - upright])  # the inverse, without a second full-size copy
         upright, inverse = segmenter.probabilities(batch).numpy()
         return lung_shape(upright, self.template), lung_shape(inverse, self.template)
 
