@@ -301,9 +301,12 @@ class XrayApp:
         return shown.overlay(float(opacity))
 
     def reanalyse(self, file, method, explain_class, opacity):
-        """A changed method or class: analyse again, or nothing while no file is loaded."""
+        """A changed method or class: analyse again; while no file is loaded, the result area
+        stays empty. (Never `gr.skip()` here: Gradio answers an update with a fresh copy of the
+        label component for the rest of the session, without `_decided_as_is`, and every later
+        result then failed to show.)"""
         if not file:
-            return (gr.skip(),) * 5
+            return self.cleared()[1:]
         return self.show(file, method, explain_class, opacity)
 
     def analyse_example(self, index, method, explain_class, opacity):

@@ -209,6 +209,9 @@ def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, mani
 
 def test_clearing_or_a_new_image_resets_the_page(xray_app, manifest_frame):
     assert xray_app.cleared() == (PREDICTED, None, None, None, "", None)
+    # A class chosen before any upload: no update of the label (Gradio would swap in a fresh copy of
+    # the component for the session, and every later result failed to show).
+    assert xray_app.reanalyse(None, "gradcam", "covid", 0.4) == (None, None, None, "", None)
     path = str(real_image(manifest_frame, "normal", "nih14"))
     decided = xray_app.predictor.predict(path).label
     other = next(c for c in xray_app.predictor.classes if c != decided)
