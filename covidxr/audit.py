@@ -74,7 +74,7 @@ def audit_frame(predictor: Predictor, frame: pd.DataFrame, method: str = "gradca
     rows = []
     for row in tqdm(frame.itertuples(), total=len(frame), desc="auditing", unit="img", disable=not progress):
         explanation = predictor.explain(row.path, method=method)
-        label = explanation.prediction.label
+        label = explanation.prediction.decided  # the rule's class, refused or not
         rows.append({"filename": row.filename, "label": row.label, "target": row.target, "predicted": label,
                      "correct": ("yes" if label == row.target else "no") if row.target else "no class",
                      "source_dataset": row.source_dataset, "age_group": row.age_group,

@@ -7,6 +7,10 @@ on (an unexpected error also prints its traceback). In folders, what is named li
 but is no file (a folder, a FIFO, a socket, a symbolic link loop) is reported as skipped, with
 the reason. Files named directly are always tried. The exit status is 1 when any file failed.
 
+Each row is the file's verdict (report.py), the same as the app's: the decided class, or for an
+input that is no frontal chest X-ray the refusal with no class in the label column; the lung
+focus and lungs-outside notice of the Grad-CAM map of the decided class; warnings; the error.
+
 File names that are not valid UTF-8, and control characters in them, are printed and written
 escaped (`\\xe9`), so any name on disk gets its row.
 """
@@ -25,9 +29,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import report
 from .data import IMAGE_SUFFIXES, ImageLoadError, not_a_file
-from .explain import METHODS
+from .explain import METHODS, identical_methods
+from .legend import captioned
 from .predictor import Predictor
+
+# Lung focus is scored on the map shrunk to this many pixels a side, as the app does.
+FOCUS_SIDE = 1024
+PREDICTED = "predicted"
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -115,10 +125,9 @@ class Results:
 
 
 def predict_files(predictor: Predictor, entries: list[Entry], results: Results, cam_dir: Path | None,
-                  method: str) -> Counter:
+                  method: str, cam_target: str | None = None) -> Counter:
     """Predict every entry, writing each row as it comes; counts of predicted, failed, skipped."""
     counts = Counter(predicted=0, failed=0, skipped=0)
-    empty = {f"p_{c}": "" for c in predictor.classes}
     saved_names: set[str] = set()
     if cam_dir:
         cam_dir.mkdir(parents=True, exist_ok=True)
@@ -127,32 +136,47 @@ def predict_files(predictor: Predictor, entries: list[Entry], results: Results, 
         if entry.skipped:
             counts["skipped"] += 1
             tqdm.write(f"skipped: {printable(entry.skipped)}", file=sys.stderr)
-            results.write({"file": str(path), **empty, "error": f"skipped: {entry.skipped}"})
+            results.write({"file": str(path), **report.csv_fields(report.failure(f"skipped: {entry.skipped}"),
+                                                                   predictor.classes)})
             continue
         try:
-            if cam_dir:
-                explanation = predictor.explain(path, method=method)
-                prediction = explanation.prediction
-                explanation.overlay.save(cam_dir / _unique_name(f"{path.stem}_{method}", saved_names))
-            else:
-                prediction = predictor.predict(path)
+            verdict = analyse(predictor, path, cam_dir, method, cam_target, saved_names)
         except ImageLoadError as error:
             counts["failed"] += 1
             tqdm.write(f"error: {printable(str(error))}", file=sys.stderr)
-            results.write({"file": str(path), **empty, "error": str(error)})
+            results.write({"file": str(path), **report.csv_fields(report.failure(str(error)), predictor.classes)})
             continue
         except Exception as error:  # noqa: BLE001 - one file's surprise must not end the run
             counts["failed"] += 1
             tqdm.write(f"unexpected error on {printable(str(path))}:\n{printable(traceback.format_exc())}",
                        file=sys.stderr)
-            results.write({"file": str(path), **empty,
-                           "error": f"unexpected error: {type(error).__name__}: {error}"[:500]})
+            failed = report.failure(f"unexpected error: {type(error).__name__}: {error}"[:500])
+            results.write({"file": str(path), **report.csv_fields(failed, predictor.classes)})
             continue
         counts["predicted"] += 1
-        results.write({"file": str(path), "label": prediction.label,
-                       **{f"p_{c}": f"{p:.4f}" for c, p in prediction.probabilities.items()},
-                       "warning": "; ".join(prediction.warnings)})
+        results.write({"file": str(path), **report.csv_fields(verdict, predictor.classes)})
     return counts
+
+
+def analyse(predictor: Predictor, path: Path, cam_dir: Path | None, method: str, cam_target: str | None,
+            saved_names: set[str]) -> report.Verdict:
+    """One file's verdict (report.py), as the app gives it: the label or the refusal, and the
+    lung focus and lungs-outside notice of the map the notice is measured on (Grad-CAM of the
+    decided class). With `cam_dir`, also the heatmap PNG of `method` for `cam_target` (default:
+    the decided class), with a caption strip saying what it shows."""
+    rule = report.notice_rule(predictor.config)
+    scored = predictor.explain(path, method=rule["method"], max_side=None if cam_dir else FOCUS_SIDE)
+    verdict = scored.verdict
+    if cam_dir:
+        same = identical_methods(predictor.config)
+        same_map = method == rule["method"] or method in same.get(rule["method"], ()) or \
+            rule["method"] in same.get(method, ())
+        wanted = cam_target if cam_target in predictor.classes else None
+        drawn = scored if same_map and wanted in (None, scored.target) else \
+            predictor.explain(path, method=method, target=wanted)
+        picture = captioned(drawn.overlay, report.caption(drawn.verdict))
+        picture.save(cam_dir / _unique_name(f"{path.stem}_{method}", saved_names))
+    return verdict
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
@@ -169,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="covidxr predict", description=__doc__.split("\n\n")[1].split(".")[0] + ".")
     parser.add_argument("paths", nargs="+", help="files or folders")
     parser.add_argument("--recursive", action="store_true", help="also look in sub-folders")
-    parser.add_argument("--csv", type=Path, help="write file, label, every probability, warning, error")
-    parser.add_argument("--cam-dir", type=Path, help="also save a heatmap overlay PNG per image here")
-    parser.add_argument("--method", default="gradcam", choices=sorted(METHODS))
+    parser.add_argument("--csv", type=Path, help="write file, label, every probability, lung_focus, notice, "
+                        "warning, error (a refused input's label is 'not a frontal chest X-ray', never a class)")
+    parser.add_argument("--cam-dir", type=Path, help="also save a heatmap overlay PNG per image here, captioned "
+                        "with the class, method and probability it shows and the colour scale")
+    parser.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="the heatmaps' method")
+    parser.add_argument("--cam-target", default=PREDICTED, metavar="CLASS",
+                        help="the class whose evidence the heatmaps show (default: the predicted class)")
     parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     args = parser.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets an escape
@@ -184,14 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         print("no image files found", file=sys.stderr)
         return 1
     predictor = Predictor.load(args.checkpoint)
-    columns = ["file", "label", *[f"p_{c}" for c in predictor.classes], "warning", "error"]
+    if args.cam_target not in (PREDICTED, *predictor.classes):
+        parser.error(f"--cam-target: choose {PREDICTED} or one of {', '.join(predictor.classes)}")
+    columns = ["file", "label", *[f"p_{c}" for c in predictor.classes], "lung_focus", "notice", "warning", "error"]
     try:
         results = Results(columns, args.csv)
     except OSError as error:
         print(f"cannot write {printable(str(args.csv))}: {error.strerror or error}", file=sys.stderr)
         return 2
     try:
-        counts = predict_files(predictor, entries, results, args.cam_dir, args.method)
+        counts = predict_files(predictor, entries, results, args.cam_dir, args.method,
+                               None if args.cam_target == PREDICTED else args.cam_target)
     except KeyboardInterrupt:
         print("interrupted: the rows above are complete" + (f" and in {args.csv}" if args.csv else ""),
               file=sys.stderr)

@@ -410,7 +410,7 @@ def write_gallery(predictor: Predictor, frame: pd.DataFrame, report: dict, out_d
     figure, axes = plt.subplots(len(cases), 3, figsize=(9, 3.1 * len(cases)), squeeze=False)
     for row, (name, kind) in zip(axes, tqdm(cases, desc="gallery", unit="img")):
         for_covid = predictor.explain(paths[name], method=method, target="covid")
-        label = for_covid.prediction.label
+        label = for_covid.prediction.decided
         for_label = predictor.explain(paths[name], method=method, target=label)
         probabilities = ", ".join(f"{c} {p:.2f}" for c, p in for_covid.prediction.probabilities.items())
         row[0].imshow(load_grayscale(paths[name]), cmap="gray")

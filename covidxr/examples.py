@@ -90,7 +90,7 @@ def describe(csv_path: Path, predictor, folder: Path | None = None) -> pd.DataFr
     examples = read_examples(csv_path)
     for path, row in tqdm(available_examples(folder or examples_dir()), desc="describing examples", unit="img"):
         prediction = predictor.predict(path)
-        called = f"{prediction.label} (p_covid {prediction.probabilities.get('covid', float('nan')):.2f})"
+        called = f"{prediction.verdict.shown_label} (p_covid {prediction.probabilities.get('covid', float('nan')):.2f})"
         examples.loc[examples["file_name"] == row["file_name"], "model_called"] = called
     examples.to_csv(csv_path, index=False)
     return examples

@@ -34,6 +34,7 @@ from .data import load_image
 from .framing import Framing, to_image_frame
 from .model import CAM_HEADS, gradcam_layer_name
 from .ood import FeatureHook
+from .report import notice_rule
 
 METHODS = {
     "gradcam": GradCAM,
@@ -77,6 +78,10 @@ class Explanation:
     opacity: float = 0.4
     segmenter: object | None = field(default=None, repr=False, compare=False)  # segment.LungSegmenter
     framing: Framing | None = field(default=None, repr=False, compare=False)  # where the model looked
+    # The checkpoint's lungs-outside rule (report.notice_rule) and the methods that draw the same
+    # map on its network (identical_methods): what the verdict needs to say.
+    notice_rule: dict | None = field(default=None, repr=False, compare=False)
+    same_methods: dict | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def lung_mask(self) -> np.ndarray | None:
@@ -123,6 +128,19 @@ class Explanation:
     @property
     def top_share(self) -> float | None:
         return self._shares.get("top_share")
+
+    @cached_property
+    def verdict(self):
+        """What is shown of this analysis (report.py): the prediction's verdict with the heatmap's
+        class, method and evidence, and the lungs-outside notice when it fires."""
+        from .report import verdict
+
+        prediction = self.prediction
+        # Where the evidence lies is scored only for an X-ray read without warnings.
+        shares = self._shares if not prediction.warnings else None
+        return verdict(prediction.decided, prediction.probabilities, warnings=prediction.warnings[len(prediction.reasons):],
+                       reasons=prediction.reasons, decision=prediction.decision, target=self.target,
+                       method=self.method, shares=shares, notice=self.notice_rule, same_methods=self.same_methods)
 
     @cached_property
     def overlay(self) -> Image.Image:
@@ -209,11 +227,13 @@ class Explainer:
             heatmap=to_image_frame(small, framed, shown.shape),
             target=deciding.target,
             method=method,
-            prediction=self.predictor.prediction(probabilities, features, colour, gray.shape, framed),
+            prediction=self.predictor.prediction(probabilities, features, gray, colour, framed),
             image=shown,
             opacity=opacity,
             segmenter=self.predictor.segmenter,
             framing=framed,
+            notice_rule=notice_rule(self.predictor.config),
+            same_methods=identical_methods(self.predictor.config),
         )
 
 

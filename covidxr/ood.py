@@ -1,21 +1,20 @@
-"""Out-of-distribution check: does an input look like the frontal chest X-rays the model learned?
+"""Feature-distance warning: is an X-ray unlike the images this classifier learned from?
 
-A classifier answers for anything, a cat included. Two cheap tests warn when an input is unlike
-the training images; the prediction is still shown, with the warning beside it.
+Whether an input is a frontal chest X-ray at all is decided elsewhere (xray_check.py), on
+evidence that does not depend on the classifier. This test only warns: an X-ray from another
+hospital, scanner or patient group can lie far from the training images and still be an X-ray,
+so it keeps its prediction, with the warning beside it.
 
-- Colour: X-rays are gray. A colourfulness (data.colourfulness) above `colour_threshold` warns.
-- Size: a side shorter than `min_side` (half the model's input) is a thumbnail, not an X-ray
-  one could read; the training images are at least 224 pixels on each side.
 - Features: the Mahalanobis distance of the network's penultimate features (the input of its
   last linear layer) to the nearest class mean under one shared covariance (Lee et al., NeurIPS
   2018), fitted with Ledoit-Wolf shrinkage on the training images. The threshold is a high
   percentile of the distances of the validation images, which the fit never saw, so about
   (100 - percentile)% of real X-rays raise a false alarm.
 
-All the check needs travels in the checkpoint: tensors `ood.class_means` and `ood.precision`,
-and config["ood"] with the thresholds. Training fits it (`fit_for`); `covidxr ood`
-(ood_measure.py) refits it for a trained run and measures it (false alarms on the test X-rays,
-detection on the pictures of not_xrays.py).
+All the test needs travels in the checkpoint: tensors `ood.class_means` and `ood.precision`,
+and config["ood"] with the threshold (`colour_threshold` and `min_side` there are read by older
+versions only: colour and size are xray_check.py's now). Training fits it (`fit_for`);
+`covidxr ood` (ood_measure.py) refits it for a trained run and measures it.
 """
 
 from __future__ import annotations
@@ -92,19 +91,13 @@ class OutOfDistribution:
         squared = torch.einsum("ncd,de,nce->nc", diff, precision, diff)  # (N, C)
         return squared.clamp_min(0).min(1).values.sqrt().numpy()
 
-    def warnings(self, distance: float, colour: float, shape: tuple[int, int]) -> list[str]:
-        found = []
-        if min(shape) < self.min_side:
-            found.append(f"This image is only {shape[1]} x {shape[0]} pixels: too small to be a readable "
-                         "chest X-ray.")
-        if colour > self.colour_threshold:
-            found.append(f"This image is in colour (colourfulness {colour:.0f}, X-rays are gray): "
-                         "it may not be an X-ray.")
+    def warnings(self, distance: float) -> list[str]:
+        """The warning for a feature distance beyond the threshold; empty within it."""
         if distance > self.threshold:
-            found.append(f"This image is unlike the frontal chest X-rays the model was trained on "
-                         f"(feature distance {distance:.1f} > {self.threshold:.1f}): treat the prediction "
-                         "as meaningless unless it is a frontal chest X-ray.")
-        return found
+            return [f"This X-ray is unlike the ones the model was trained on (feature distance {distance:.1f} > "
+                    f"{self.threshold:.1f}): another hospital, scanner or patient group may read differently, "
+                    "so give the prediction less weight."]
+        return []
 
     # -- checkpoint ---------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ from .data import load_grayscale, load_image, normalise
 from .framing import Framing, frame, uses_lungs
 from .model import build_model, fold_batch_norms
 from .ood import FeatureHook, OutOfDistribution
+from .report import Verdict, decision_rule, verdict
+from .xray_check import XrayCheck
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "covidxr-cxrnet.safetensors"
 # Which patients of ../shared/data/cxr it was trained, tuned and tested on (no images).
@@ -28,14 +30,32 @@ SHIPPED_SPLIT = SHIPPED_CHECKPOINT.with_suffix(".split.csv")
 
 @dataclass
 class Prediction:
-    label: str
+    """One image's prediction. `label` is the verdict's (report.py): the decided class, or None
+    when the input is no frontal chest X-ray (`reasons` says why; xray_check.py). `decided` is
+    the class the checkpoint's rule gives for the probabilities either way: a reading only when
+    `label` is not None. `warnings`: every message, the refusal's reasons first, then what is
+    unusual about an X-ray that is read all the same (unlike the training data, no lungs found)."""
+
+    decided: str
     probabilities: dict[str, float]
     warnings: list[str] = field(default_factory=list)
-    # True when the input checks (ood.py: colour, size, features) say the image does not look like
-    # a frontal chest X-ray: the label and probabilities are then no reading of anything, and the
-    # app refuses to show them as one. An X-ray that is merely unusual (no lungs found, framing.py)
-    # keeps False and its warning.
-    not_an_xray: bool = False
+    reasons: list[str] = field(default_factory=list)
+    decision: dict | None = None  # the checkpoint's decision rule (decide)
+
+    @property
+    def not_an_xray(self) -> bool:
+        """True when the input check refuses the image as no frontal chest X-ray."""
+        return bool(self.reasons)
+
+    @property
+    def label(self) -> str | None:
+        return None if self.reasons else self.decided
+
+    @property
+    def verdict(self) -> Verdict:
+        """What is shown of this prediction (report.py), without a heatmap."""
+        return verdict(self.decided, self.probabilities, warnings=self.warnings[len(self.reasons):],
+                       reasons=self.reasons, decision=self.decision)
 
 
 def decide(probabilities: np.ndarray, classes: list[str], decision: dict | None) -> np.ndarray:
@@ -60,7 +80,9 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.config = config
-        self.ood = ood  # the not-a-chest-X-ray check; None for checkpoints without one
+        self.ood = ood  # the feature-distance warning (ood.py); None for checkpoints without one
+        # The not-a-chest-X-ray check (xray_check.py): the classifier's own features play no part.
+        self.xray_check = XrayCheck.load()
         self.lungs_checkpoint = None  # None: the shipped lung model (segment.py); False: none
         self._segmenter = None
         self._explainer = None
@@ -141,27 +163,37 @@ class Predictor:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         return torch.cat(probabilities).numpy(), torch.cat(features).numpy()
 
-    def input_check(self, features: np.ndarray, colourfulness: float, shape: tuple[int, int]) -> list[str]:
-        """Short messages when the input does not look like a chest X-ray (ood.py); empty when it
-        does, or when the checkpoint carries no check."""
-        if self.ood is None:
-            return []
-        distance = float(self.ood.distance(np.asarray(features).reshape(1, -1))[0])
-        return self.ood.warnings(distance, colourfulness, shape)
+    def input_check(self, gray: np.ndarray, colourfulness: float, features: np.ndarray | None = None
+                    ) -> tuple[list[str], list[str]]:
+        """(reasons to refuse the image as no frontal chest X-ray, warnings for an X-ray that is
+        read all the same) for a grayscale image as `load_image` returns it.
 
-    def prediction(self, probabilities: np.ndarray, features: np.ndarray, colourfulness: float,
-                   shape: tuple[int, int], framed: Framing | None = None) -> Prediction:
-        """The `Prediction` for one image's probabilities (C,) and penultimate features: its
-        warnings are the input check's (not a chest X-ray) and the framing's (no lungs found)."""
+        The refusal rests on evidence that does not depend on this classifier (xray_check.py:
+        size, colour, gray levels, lungs found by the lung model); the distance of the
+        classifier's features from its training images (ood.py) only warns, and only of an image
+        that is read (its words are for an X-ray)."""
+        finding = self.xray_check.examine(gray, colourfulness, self.segmenter)
+        warnings = list(finding.warnings)
+        if self.ood is not None and features is not None and not finding.reasons:
+            distance = float(self.ood.distance(np.asarray(features).reshape(1, -1))[0])
+            warnings += self.ood.warnings(distance)
+        return list(finding.reasons), warnings
+
+    def prediction(self, probabilities: np.ndarray, features: np.ndarray | None, gray: np.ndarray,
+                   colourfulness: float, framed: Framing | None = None) -> Prediction:
+        """The `Prediction` for one image's probabilities (C,) and penultimate features: refused
+        when the input check calls it no chest X-ray; its warnings are the input check's, the
+        feature distance's and the framing's (no lungs found)."""
         index = int(self.decide(np.asarray(probabilities)[None])[0])
-        not_an_xray = self.input_check(features, colourfulness, shape)
-        return Prediction(label=self.classes[index],
+        reasons, warnings = self.input_check(gray, colourfulness, features)
+        if framed is not None and not reasons:
+            warnings += [warning for warning in framed.warnings if warning not in warnings]
+        return Prediction(decided=self.classes[index],
                           probabilities={c: float(p) for c, p in zip(self.classes, probabilities)},
-                          warnings=not_an_xray + (framed.warnings if framed is not None else []),
-                          not_an_xray=bool(not_an_xray))
+                          warnings=reasons + warnings, reasons=reasons, decision=self.config.get("decision"))
 
     def ood_scores(self, image) -> tuple[float, float, tuple[int, int]]:
-        """(feature distance, colourfulness, (height, width)): what the warnings test."""
+        """(feature distance, colourfulness, (height, width)): what the feature warning tests."""
         gray, colour = load_image(image)
         _, features = self.probabilities_and_features(self.prepare(gray)[None])
         return float(self.ood.distance(features)[0]), colour, gray.shape
@@ -172,18 +204,13 @@ class Predictor:
     @property
     def decision_rule(self) -> str:
         """The decision rule in words, for the app and the command line."""
-        decision = self.config.get("decision") or {"rule": "argmax"}
-        if decision.get("rule", "argmax") == "argmax":
-            return "the most probable class"
-        why = decision.get("method", "")
-        return (f"{decision['class']} whenever its probability is at least {decision['threshold']:.2f}"
-                + (f" ({why})" if why else "") + "; otherwise the most probable other class")
+        return decision_rule(self.config.get("decision"))
 
     def predict(self, image) -> Prediction:
         gray, colour = load_image(image)
         tensor, framed = self.view(gray)
         probabilities, features = self.probabilities_and_features(tensor[None])
-        return self.prediction(probabilities[0], features[0], colour, gray.shape, framed)
+        return self.prediction(probabilities[0], features[0], gray, colour, framed)
 
     @property
     def segmenter(self):
@@ -219,6 +246,6 @@ class Predictor:
             loaded = [load_image(image) for image in images[start:start + batch_size]]
             views = [self.view(gray) for gray, _ in loaded]
             probabilities, features = self.probabilities_and_features(torch.stack([tensor for tensor, _ in views]))
-            results += [self.prediction(p, f, colour, gray.shape, framed)
+            results += [self.prediction(p, f, gray, colour, framed)
                         for p, f, (gray, colour), (_, framed) in zip(probabilities, features, loaded, views)]
         return results

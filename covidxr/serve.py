@@ -3,9 +3,11 @@
 `main` is its command line (`python app.py`, `covidxr serve`). The one analysis function,
 `XrayApp.analyse_and_keep`, serves the upload, the examples, a change of method or class and
 the programmatic endpoint `/predict` alike, one request per user action; a new opacity only
-re-blends the map kept for the session. An input the not-an-X-ray check flags is refused: no
-class is called, the probabilities are greyed detail. `XrayApp.admit` checks each request
-before it may join the queue.
+re-blends the map kept for the session. What the page says is the analysis's verdict
+(report.py), as in the CLI and the API: this module only wires it into Gradio. An input the
+not-an-X-ray check refuses gets no class, the probabilities are greyed detail; a file that
+cannot be read gets its error in the result area (`XrayApp.show`), in place of the previous
+result. `XrayApp.admit` checks each request before it may join the queue.
 
 For a server others can reach: uploads and results live in the app's own temp folder and are
 deleted an hour after they were made (and all of them when the app stops), usage analytics
@@ -36,20 +38,18 @@ from gradio.components.label import LabelConfidence, LabelData
 from PIL import Image
 from starlette.middleware import Middleware
 
+from . import report
 from .checkpoint import current
 from .data import ImageLoadError
 from .examples import FETCH_COMMAND, available_examples
 from .explain import METHODS, identical_methods, overlay
+from .legend import LEGEND_HTML
 from .predictor import Predictor
+from .report import DEFAULT_NOTICE, METHOD_LABELS, NOT_AN_XRAY, NOT_AN_XRAY_HEADLINE, notice_rule  # noqa: F401
 
 PREDICTED = "predicted class"
-NOT_AN_XRAY = "not a frontal chest X-ray"  # the /predict label output for a refused input
-NOT_AN_XRAY_HEADLINE = "This does not look like a frontal chest X-ray"
 NOTICE = ("**Research and teaching tool, not a medical device.** Not validated for clinical use: "
           "do not use it to diagnose, treat or triage anyone.")
-METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM",
-                 "xgradcam": "XGrad-CAM", "layercam": "LayerCAM", "eigencam": "Eigen-CAM",
-                 "scorecam": "Score-CAM (slow)"}
 # Uploads above this are refused by the server before they reach the model.
 MAX_FILE_SIZE = "40mb"
 # The two images go back at most this many pixels a side: enough for the full-screen view,
@@ -101,8 +101,6 @@ def model_facts(config: dict) -> str:
     return "\n\n".join(lines)
 
 
-# Checkpoints that do not carry their own measured threshold (audit.py --store-notice) get this one.
-DEFAULT_NOTICE = {"threshold": 0.25, "method": "gradcam"}
 # CSS: what a refusal shows of the probabilities is secondary, greyed detail; the examples'
 # captions wrap, and the table fits a phone's width.
 CSS = """
@@ -111,8 +109,6 @@ CSS = """
 #examples th:first-child, #examples td.image { width: 84px; }
 #examples td, #examples th { white-space: normal; overflow-wrap: anywhere; }
 """
-# A refused upload clears the result beside it (label, images, summary), in the browser only.
-CLEAR_RESULT_JS = "() => [null, null, null, '']"
 # After an analysis started from the inputs, bring the result into view when it lies out of sight
 # (on a phone the result sits below the upload and the examples). Runs in the browser only.
 SHOW_RESULT_JS = """() => {
@@ -133,15 +129,6 @@ def method_choices(config: dict) -> list[tuple[str, str]]:
 def _menu_name(method: str, same: dict[str, tuple[str, ...]]) -> str:
     """The method's entry in the menu: one entry, named for all, where methods draw the same map."""
     return " = ".join([METHOD_LABELS[method], *(METHOD_LABELS[m] for m in same.get(method, ()))])
-
-
-def _method_in_words(method: str, same: dict[str, tuple[str, ...]]) -> str:
-    """The method's name in the summary, with the others that draw the same map."""
-    for key, others in same.items():
-        if method in (key, *others):
-            twins = [METHOD_LABELS[m] for m in (key, *others) if m != method]
-            return f"{METHOD_LABELS[method]}, here the same map as {', '.join(twins[:-1])} and {twins[-1]}"
-    return METHOD_LABELS[method]
 
 
 def method_info(config: dict) -> str:
@@ -169,11 +156,6 @@ def _names(key: str, others: tuple[str, ...]) -> str:
     return f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def notice_rule(config: dict) -> dict:
-    """The lungs-outside notice's rule: the checkpoint's own (audit.py --store-notice), else the default."""
-    return config.get("lung_focus_notice") or DEFAULT_NOTICE
-
-
 def notice_facts(config: dict) -> str:
     """The notice's rule in words, for the About panel."""
     rule = notice_rule(config)
@@ -187,23 +169,6 @@ def notice_facts(config: dict) -> str:
                 f"{rule['fires_on_all']:.0%} of all {rule['all_images']}).")
     return text + (": a default, as this checkpoint carries no threshold measured on its own test X-rays "
                    "(`python -m covidxr.audit --store-notice` measures one).")
-
-
-def focus_text(explanation, rule: dict, same_map: bool) -> str:
-    """Where the evidence lies, in words: the lung focus, the shares on border and top strip, and
-    the lungs-outside notice when `same_map` (the map is the one the rule was measured on)."""
-    if explanation.lung_focus is None:
-        return ""
-    text = (f"\n\n**Lung focus {explanation.lung_focus:.0%}**: share of the heatmap on the lungs "
-            f"(white outline); {explanation.border_share:.0%} lies on the image border and "
-            f"{explanation.top_share:.0%} on the top strip where text markers sit.")
-    if same_map and explanation.lung_focus < rule["threshold"]:
-        measured = (f"lower than on {100 - rule['percentile']:.0f}% of this model's correctly classified "
-                    f"{rule.get('split', 'test')} X-rays" if "percentile" in rule else "the app's default threshold")
-        text += (f"\n\n> **Much of the evidence lies outside the lungs** (under {rule['threshold']:.1%}: {measured}). "
-                 "The model may be reading something other than lung disease here (a marker, a border, a device, "
-                 "the patient's build): give this prediction less weight.")
-    return text
 
 
 @dataclass
@@ -280,11 +245,12 @@ class XrayApp:
 
     def analyse_and_keep(self, file, method: str = "gradcam", explain_class: str = PREDICTED,
                          opacity: float = 0.4):
-        """`analyse`'s four outputs, and what to keep for re-blending (`Shown`): the page's
-        handler. The label always goes out as a plain value, never as a component update:
-        Gradio postprocesses an update with a fresh copy of the component, which would lose the
-        decided class (`_decided_as_is`). A refused input's label is the refusal alone, with no
-        probability bars (the summary gives them as greyed detail)."""
+        """`analyse`'s four outputs, and what to keep for re-blending (`Shown`). What is said is
+        the analysis's verdict (report.py), as everywhere else. The label always goes out as a
+        plain value, never as a component update: Gradio postprocesses an update with a fresh
+        copy of the component, which would lose the decided class (`_decided_as_is`). A refused
+        input's label is the refusal alone, with no probability bars (the summary gives them as
+        greyed detail). A file that cannot be analysed raises `gr.Error` with the reason."""
         if not file:
             raise gr.Error("Upload a chest X-ray (PNG, JPEG or DICOM) or click an example first.",
                            print_exception=False)
@@ -301,52 +267,38 @@ class XrayApp:
             message = str(error) if str(error).startswith(path.name) else f"{path.name}: {error}"
             log.info("refused an upload: %s", message)
             raise gr.Error(html.escape(message, quote=False), print_exception=False) from error
-        prediction = explanation.prediction
-        # Lungs outlined, and the evidence's share on them given, only for an X-ray without
-        # warnings: lungs "found" on a photo or a document would mean nothing.
-        shown = Shown(explanation.image, explanation.heatmap, None if prediction.warnings else explanation.lung_mask)
+        verdict = explanation.verdict
+        # Lungs outlined only for an X-ray read without warnings: lungs "found" on a photo or a
+        # document would mean nothing.
+        outlined = verdict.status == report.RESULT and not verdict.warnings
+        shown = Shown(explanation.image, explanation.heatmap, explanation.lung_mask if outlined else None)
         original = Image.fromarray((explanation.image * 255).round().astype("uint8"))
-        if prediction.not_an_xray:
-            label, summary = NOT_AN_XRAY, self.refusal(explanation)
-        else:
-            label, summary = decided_label(prediction), self.summary(explanation, method)
-        return label, original, shown.overlay(float(opacity)), summary, shown
+        return label_data(verdict), original, shown.overlay(float(opacity)), report.markdown(verdict), shown
 
-    def summary(self, explanation, method: str) -> str:
-        """The headline (the decided class and the rule that decided it), what the heatmap
-        shows, any warning, and where the evidence lies."""
-        prediction = explanation.prediction
-        same = identical_methods(self.predictor.config)
-        text = (f"### Prediction: {prediction.label}\n"
-                f"Decided by the model's rule: {self.predictor.decision_rule}.")
-        decision = self.predictor.config.get("decision") or {}
-        if decision.get("rule") == "threshold" and prediction.label == decision["class"] and \
-                max(prediction.probabilities, key=prediction.probabilities.get) != prediction.label:
-            text += (f" Called {prediction.label} because its probability reaches the model's operating "
-                     f"threshold of {decision['threshold']:.2f}, though another class is more probable.")
-        text += "".join(f"\n\n> ⚠️ **Check the input.** {warning}" for warning in prediction.warnings)
-        text += (f"\n\nThe heatmap shows where the evidence for **{explanation.target}** lies "
-                 f"({_method_in_words(method, same)}; red = strongest).")
-        if explanation.target != prediction.label:
-            text += f" You are looking at the evidence for {explanation.target}, not for the prediction."
-        if not prediction.warnings:
-            rule = notice_rule(self.predictor.config)
-            same_map = explanation.target == prediction.label and (
-                method == rule["method"] or method in same.get(rule["method"], ()))
-            text += focus_text(explanation, rule, same_map)
-        return text
+    def show(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
+        """The page's handler: `analyse_and_keep`, except that a file which cannot be analysed
+        gets its reason in the result area, in place of the previous verdict (a toast alone goes
+        after a few seconds, and the old result would stay on the page as if it were this file's)."""
+        try:
+            return self.analyse_and_keep(file, method, explain_class, opacity)
+        except gr.Error as error:
+            return self.failed(error.message)
 
-    def refusal(self, explanation) -> str:
-        """What the page says of an input the check calls no chest X-ray: the refusal first, the
-        reasons, and the probabilities only as greyed detail."""
-        prediction = explanation.prediction
-        reasons = "".join(f"\n- {warning}" for warning in prediction.warnings)
-        probabilities = ", ".join(f"{name} {p:.0%}" for name, p in prediction.probabilities.items())
-        return (f"### {NOT_AN_XRAY_HEADLINE}\n"
-                f"The model reads frontal chest X-rays only, so it gives no result for this image.{reasons}\n\n"
-                f'<span class="secondary">Not a result: what the network outputs for this image anyway '
-                f"(probabilities {probabilities}); the heatmap shows where its evidence for "
-                f"{explanation.target} lies, which says nothing about disease.</span>")
+    @staticmethod
+    def failed(message: str = "The analysis failed unexpectedly; try again, or try another file."):
+        """The result area for an input that could not be analysed: the error's verdict, no images."""
+        verdict = report.failure(message)
+        return label_data(verdict), None, None, report.markdown(verdict), None
+
+    def show_new(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
+        """A new image (an upload or an example): the explained class goes back to the predicted
+        one, on the page too, so the evidence shown first is always for the prediction."""
+        return (PREDICTED, *self.show(file, method, PREDICTED, opacity))
+
+    @staticmethod
+    def cleared():
+        """The upload cleared: the result goes with it, and the explained class is reset."""
+        return PREDICTED, None, None, None, "", None
 
     def reblend(self, shown: Shown | None, opacity):
         """The overlay at a new opacity from the kept map: no forward pass."""
@@ -355,17 +307,21 @@ class XrayApp:
         return shown.overlay(float(opacity))
 
     def reanalyse(self, file, method, explain_class, opacity):
-        """A changed method or class: analyse again, or nothing while no file is loaded."""
+        """A changed method or class: analyse again; while no file is loaded, the result area
+        stays empty. (Never `gr.skip()` here: Gradio answers an update with a fresh copy of the
+        label component for the rest of the session, without `_decided_as_is`, and every later
+        result then failed to show.)"""
         if not file:
-            return (gr.skip(),) * 5
-        return self.analyse_and_keep(file, method, explain_class, opacity)
+            return self.cleared()[1:]
+        return self.show(file, method, explain_class, opacity)
 
     def analyse_example(self, index, method, explain_class, opacity):
-        """An example clicked: the file goes into the upload box and is analysed, in one request."""
+        """An example clicked: the file goes into the upload box and is analysed, in one request,
+        the explained class reset to the predicted one."""
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.examples):
             raise gr.Error(f"There is no example {_quoted(index)}.", print_exception=False)
         path = str(self.examples[index][0])
-        return (path, *self.analyse_and_keep(path, method, explain_class, opacity))
+        return (path, *self.show_new(path, method, explain_class, opacity))
 
     def example_captions(self) -> list[str]:
         """What each example is, what this model calls it, and what to try (HTML: Gradio shows
@@ -377,13 +333,14 @@ class XrayApp:
             try:
                 label = self.predictor.predict(path).label
             except ImageLoadError as error:  # a damaged copy: the app still starts, and says so
-                label, said = None, html.escape(str(error))
-            if label is None:
-                pass
-            elif truth in self.predictor.classes and label != truth:
-                said = f"The model says {label}: it misses {truth}. <i>Try: explain {truth}.</i>"
+                said = html.escape(str(error))
             else:
-                said = f"The model says {label}" + (" (correct)." if truth == label else ".")
+                if label is None:  # the input check refuses it
+                    said = f"{NOT_AN_XRAY_HEADLINE}, says the input check: no result."
+                elif truth in self.predictor.classes and label != truth:
+                    said = f"The model says {label}: it misses {truth}. <i>Try: explain {truth}.</i>"
+                else:
+                    said = f"The model says {label}" + (" (correct)." if truth == label else ".")
             captions.append(f"<b>{html.escape(row.get('caption') or row['why'])}</b><br>{said}")
         return captions
 
@@ -431,8 +388,10 @@ class XrayApp:
                     with gr.Row():
                         original = gr.Image(label="Input, as the model reads it", type="pil", format="jpeg",
                                             height=380, elem_id="original")
-                        overlay_image = gr.Image(label="Heatmap overlay", type="pil", format="jpeg", height=380,
-                                                 elem_id="overlay")
+                        with gr.Column(min_width=160):
+                            overlay_image = gr.Image(label="Heatmap overlay", type="pil", format="jpeg", height=380,
+                                                     elem_id="overlay")
+                            gr.HTML(LEGEND_HTML, elem_id="legend")
             with gr.Accordion("About this model", open=False):
                 gr.Markdown("\n\n".join([model_facts(config), notice_facts(config), method_facts(config)]))
 
@@ -441,9 +400,14 @@ class XrayApp:
             model = dict(concurrency_id="model", validator=self.admit)
             # One request per user action: the upload, each change of method or class, each example
             # click; a new opacity only re-blends the kept map (tests/test_app.py counts them in Chromium).
-            analysed = upload.upload(self.analyse_and_keep, inputs, outputs, api_visibility="private", **model)
+            # A new image resets the explained class; an error takes the result area's place.
+            analysed = upload.upload(self.show_new, inputs, [explain_class, *outputs], api_visibility="private",
+                                     **model)
             analysed.success(None, js=SHOW_RESULT_JS)
-            analysed.failure(None, None, outputs[:4], js=CLEAR_RESULT_JS)
+            # An unexpected failure (the handler itself shows the expected ones) still clears the
+            # previous verdict: no result on the page may belong to another file.
+            analysed.failure(self.failed, None, outputs, api_visibility="private")
+            upload.clear(self.cleared, None, [explain_class, *outputs], api_visibility="private")
             # The dropdown's `input` event fired twice per choice (Gradio 6.31, Chromium); `select` once.
             method.select(self.reanalyse, inputs, outputs, api_visibility="private", trigger_mode="always_last",
                           **model)
@@ -455,8 +419,10 @@ class XrayApp:
             api = gr.Button(visible=False)
             api.click(self.analyse, inputs, outputs[:4], api_name="predict", **model)
             if self.examples:
-                examples.click(self.analyse_example, [examples, method, explain_class, opacity], [upload, *outputs],
-                               api_visibility="private", **model).success(None, js=SHOW_RESULT_JS)
+                clicked = examples.click(self.analyse_example, [examples, method, explain_class, opacity],
+                                         [upload, explain_class, *outputs], api_visibility="private", **model)
+                clicked.success(None, js=SHOW_RESULT_JS)
+                clicked.failure(self.failed, None, outputs, api_visibility="private")
         # One model, one request at a time: the explainer's hooks are not thread-safe, and
         # two CPU-bound requests would only slow each other down.
         demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
@@ -468,11 +434,11 @@ def _as_sent(value):
     return value
 
 
-def decided_label(prediction) -> LabelData:
-    """The label output: the decided class named, every class's probability listed."""
-    ranked = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)
-    return LabelData(label=prediction.label,
-                     confidences=[LabelConfidence(label=name, confidence=value) for name, value in ranked])
+def label_data(verdict: report.Verdict) -> LabelData:
+    """The label output of a verdict (report.label_output): the decided class with every class's
+    probability, or the refusal or "no result" with no bars."""
+    value = report.label_output(verdict)
+    return LabelData(label=value["label"], confidences=[LabelConfidence(**item) for item in value["confidences"]])
 
 
 def _decided_as_is(postprocess):

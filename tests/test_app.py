@@ -1,6 +1,8 @@
 """The Gradio app: its handler called directly, the launched app through gradio_client, and a
 real browser counting the requests each action sends."""
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from benchmarks.common import shared_ssl_context
 from covidxr import Predictor
 from covidxr.examples import FETCH_COMMAND
 from covidxr.not_xrays import non_xray_images
+from covidxr.report import ERROR_HEADLINE, NO_RESULT
 from covidxr.serve import (
     DEFAULT_NOTICE,
     DISPLAY_SIDE,
@@ -100,7 +103,7 @@ def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
     label, original, overlay, summary, shown = xray_app.analyse_and_keep(str(path))
     prediction = xray_app.predictor.predict(path)
     assert prediction.not_an_xray and set(prediction.probabilities) == set(xray_app.predictor.classes)
-    assert label == NOT_AN_XRAY and label not in xray_app.predictor.classes
+    assert label.label == NOT_AN_XRAY and label.label not in xray_app.predictor.classes and not label.confidences
     assert summary.startswith(f"### {NOT_AN_XRAY_HEADLINE}\n")
     assert "Prediction:" not in summary and "Lung focus" not in summary and "outside the lungs" not in summary
     assert all(warning in summary for warning in prediction.warnings)
@@ -117,10 +120,12 @@ def test_an_unusual_xray_keeps_its_prediction_with_the_warning(xray_app, manifes
 
     from covidxr.framing import NO_LUNGS_WARNING
 
+    from covidxr import report
+
     explanation = xray_app.predictor.explain(real_image(manifest_frame, "normal", "nih14"))
     unusual = dataclasses.replace(explanation, prediction=dataclasses.replace(
         explanation.prediction, warnings=[NO_LUNGS_WARNING]))
-    summary = xray_app.summary(unusual, "gradcam")
+    summary = report.markdown(unusual.verdict)
     assert summary.startswith(f"### Prediction: {explanation.prediction.label}\n")
     assert NO_LUNGS_WARNING in summary and "Lung focus" not in summary
 
@@ -183,6 +188,42 @@ def test_method_menu_has_one_entry_per_map(xray_app):
     assert dict((key, label) for label, key in choices)["gradcam"] == "Grad-CAM = HiResCAM = XGrad-CAM"
     # The API still takes every name.
     assert xray_app.problems("hirescam", PREDICTED, 0.4) == xray_app.problems("xgradcam", PREDICTED, 0.4) == {}
+
+
+def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, manifest_frame, tmp_path):
+    """After a result, a file that cannot be read: the result area says why, and nothing of the
+    previous verdict (its label, images or text) is left (the API still raises the error)."""
+    good = xray_app.show(str(real_image(manifest_frame, "covid", "ieee8023")))
+    assert good[0].label in xray_app.predictor.classes and good[1] is not None
+    bad = tmp_path / "notes.png"
+    bad.write_text("definitely not an X-ray")
+    label, original, overlay, summary, shown = xray_app.show(str(bad))
+    assert label.label == NO_RESULT and not label.confidences
+    assert original is None and overlay is None and shown is None
+    assert summary.startswith(f"### {ERROR_HEADLINE}\nnotes.png: not an image we can read")
+    with pytest.raises(gr.Error, match="notes.png: not an image we can read"):
+        xray_app.analyse(str(bad))
+    # An unexpected failure clears the result too, with a general message.
+    assert xray_app.failed()[0].label == NO_RESULT and xray_app.failed()[3].startswith(f"### {ERROR_HEADLINE}")
+
+
+def test_clearing_or_a_new_image_resets_the_page(xray_app, manifest_frame):
+    assert xray_app.cleared() == (PREDICTED, None, None, None, "", None)
+    # A class chosen before any upload: no update of the label (Gradio would swap in a fresh copy of
+    # the component for the session, and every later result failed to show).
+    assert xray_app.reanalyse(None, "gradcam", "covid", 0.4) == (None, None, None, "", None)
+    path = str(real_image(manifest_frame, "normal", "nih14"))
+    decided = xray_app.predictor.predict(path).label
+    other = next(c for c in xray_app.predictor.classes if c != decided)
+    explained, label, *_, summary, _ = xray_app.show_new(path, "gradcam", other, 0.4)
+    assert explained == PREDICTED and label.label == decided
+    assert f"evidence for **{decided}**" in summary and "not for the prediction" not in summary
+
+
+def test_the_overlay_has_a_colour_scale(xray_app):
+    legends = [block for block in xray_app.build().blocks.values()
+               if isinstance(block, gr.HTML) and block.elem_id == "legend"]
+    assert len(legends) == 1 and "linear-gradient" in legends[0].value and "strongest" in legends[0].value
 
 
 def test_handler_needs_a_file(xray_app):
@@ -251,7 +292,9 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
 @pytest.mark.browser
 def test_browser_one_request_per_action_and_readable_examples(served_app, examples_dir, tmp_path):
     """In Chromium: every user action sends exactly one request to the queue (the dropdown's
-    `input` once sent two), a new opacity runs no analysis, and the examples' captions are whole."""
+    `input` once sent two), a new opacity runs no analysis, the examples' captions are whole, a
+    new upload resets the explained class, and an unreadable file after a result replaces that
+    result with its error (no stale label, no console error)."""
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (see README)"
     from playwright.sync_api import sync_playwright
 
@@ -266,6 +309,9 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
         joined = []  # the function each queue request runs
         page.on("request", lambda request: joined.append(request.post_data_json["fn_index"])
                 if "/queue/join" in request.url else None)
+        console_errors = []
+        page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: console_errors.append(str(error)))
         page.goto(served_app)
         page.get_by_text("not a medical device").wait_for(timeout=30_000)
         functions = {dependency["id"]: dependency["api_name"]
@@ -309,7 +355,46 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
                    lambda: page.wait_for_function(f"() => document.querySelector('#overlay img').src != {before!r}",
                                                   timeout=60_000)) == ["reblend"]
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        bars = page.locator("#prediction dt")  # the probability bars (the heading is off: the summary names the class)
+        assert sorted(bars.all_inner_texts()) == ["covid", "normal", "pneumonia"]
+        assert page.locator("#legend").get_by_text("strongest", exact=True).is_visible()
+
+        # Clearing the upload clears the result.
+        clear = page.locator("#upload button[aria-label='Clear']").first
+        clear.click()
+        page.wait_for_function("() => !document.querySelector('#summary').innerText.includes('Prediction:')",
+                               timeout=30_000)
+        assert page.locator("#original img").count() == 0 and page.locator("#overlay img").count() == 0
+        assert bars.count() == 0
+
+        # A new upload resets the class explained (pneumonia above) to the predicted one.
+        page.get_by_role("radio", name="pneumonia").check()
+        example = next(p for p in sorted(examples_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        upload = page.locator("#upload input[type=file]")
+        assert act(lambda: upload.set_input_files(str(example)),
+                   lambda: summary.get_by_text("Prediction:").wait_for(timeout=60_000)) == ["show_new"]
+        page.wait_for_function("() => !document.querySelector('#summary').innerText.includes('not for the prediction')",
+                               timeout=60_000)
+        assert page.get_by_role("radio", name="predicted class").is_checked()
+        assert bars.count() == 3
+
+        # Then a text file named .png: the error takes the result's place, readable there, and
+        # nothing of the previous verdict stays (no label, no images, no console error).
+        notes = tmp_path / "notes.png"
+        notes.write_text("definitely not an X-ray")
+        clear.click()
+        upload.set_input_files(str(notes))
+        summary.get_by_text("notes.png: not an image we can read").wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        assert summary.get_by_text("No result").is_visible() and "Prediction:" not in summary.inner_text()
+        assert bars.count() == 0
+        assert page.locator("#original img").count() == 0 and page.locator("#overlay img").count() == 0
+        page.screenshot(path=str(tmp_path / "error.png"), full_page=True)
+        if os.environ.get("COVIDXR_SCREENSHOTS"):  # to look at by eye
+            for name in ("app.png", "error.png"):
+                shutil.copy(tmp_path / name, Path(os.environ["COVIDXR_SCREENSHOTS"]) / name)
         browser.close()
+    assert not [message for message in console_errors if "Cannot read properties" in message], console_errors
     assert first_caption and (tmp_path / "app.png").stat().st_size > 10_000
 
 

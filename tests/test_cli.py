@@ -114,7 +114,46 @@ def test_recursive_and_heatmaps(folder, tmp_path):
     assert len(pd.read_csv(tmp_path / "all.csv")) == 3
     written = sorted(p.name for p in cams.iterdir())
     assert written == ["a_hirescam.png", "b_hirescam.png", "c_hirescam.png"]
-    assert Image.open(cams / "b_hirescam.png").size == Image.open(folder / "b.png").size
+    # The heatmap keeps the image's width, with a caption strip below: class, method, probability, scale.
+    (width, height), (captioned_width, captioned_height) = Image.open(folder / "b.png").size, \
+        Image.open(cams / "b_hirescam.png").size
+    assert captioned_width == width and captioned_height > height
+    table = pd.read_csv(tmp_path / "all.csv", dtype=str, keep_default_na=False)
+    assert list(table.columns) == ["file", "label", "p_covid", "p_normal", "p_pneumonia", "lung_focus", "notice",
+                                   "warning", "error"]
+    assert table["lung_focus"].astype(float).between(0, 1).all()
+
+
+def test_cam_target_chooses_the_class_and_the_caption_says_it(folder, tmp_path, monkeypatch):
+    from covidxr import legend
+
+    (folder / "broken.png").unlink()
+    captions = []
+    real = legend.captioned
+    monkeypatch.setattr("covidxr.batch.captioned", lambda image, text: captions.append(text) or real(image, text))
+    assert main(["predict", str(folder / "a.jpeg"), "--cam-dir", str(tmp_path / "cams"), "--cam-target", "pneumonia",
+                 "--method", "gradcam++"]) == 0
+    assert len(captions) == 1 and captions[0].startswith("Grad-CAM++ evidence for pneumonia (p = 0.")
+    with pytest.raises(SystemExit):
+        main(["predict", str(folder / "a.jpeg"), "--cam-target", "cat"])
+
+
+def test_refused_inputs_get_no_class_in_the_label_column(tmp_path):
+    """A 1x1 PNG, a black 8000 px PNG and a colour photo: the refusal, never a class."""
+    from covidxr.not_xrays import non_xray_images
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.new("L", (1, 1), 128).save(folder / "dot.png")
+    Image.new("L", (8000, 8000), 0).save(folder / "black.png")
+    Image.fromarray(dict(non_xray_images())["skimage:coffee"]).save(folder / "photo.png")
+    assert main(["predict", str(folder), "--csv", str(tmp_path / "odd.csv")]) == 0
+    table = pd.read_csv(tmp_path / "odd.csv", dtype=str, keep_default_na=False).set_index("file")
+    assert set(table["label"]) == {"not a frontal chest X-ray"}
+    assert "too small" in table.loc[str(folder / "dot.png"), "warning"]
+    assert "blank" in table.loc[str(folder / "black.png"), "warning"]
+    assert "in colour" in table.loc[str(folder / "photo.png"), "warning"]
+    assert (table[["lung_focus", "notice"]] == "").all().all()
 
 
 def test_warning_column_flags_a_photo(folder, tmp_path):
@@ -135,5 +174,6 @@ def test_module_entry_point_runs(folder):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     header, line = result.stdout.splitlines()
-    assert header.split("\t") == ["file", "label", "p_covid", "p_normal", "p_pneumonia", "warning", "error"]
+    assert header.split("\t") == ["file", "label", "p_covid", "p_normal", "p_pneumonia", "lung_focus", "notice",
+                                  "warning", "error"]
     assert line.startswith(str(folder / "a.jpeg"))

@@ -342,14 +342,14 @@ def test_batch_survives_unexpected_errors_and_keeps_rows_when_stopped(hostile_fo
     from covidxr.batch import main
     from covidxr.predictor import Predictor
 
-    real_predict = Predictor.predict
+    real_explain = Predictor.explain
 
-    def failing_on_one_file(self, image):
+    def failing_on_one_file(self, image, **settings):
         if Path(image).name == "a-good.jpeg":
             raise RuntimeError("a bug, not a bad file")
-        return real_predict(self, image)
+        return real_explain(self, image, **settings)
 
-    monkeypatch.setattr(Predictor, "predict", failing_on_one_file)
+    monkeypatch.setattr(Predictor, "explain", failing_on_one_file)
     out = tmp_path / "out.csv"
     assert main([str(hostile_folder), "--csv", str(out)]) == 1
     table = pd.read_csv(out, dtype=str, keep_default_na=False)
@@ -358,12 +358,12 @@ def test_batch_survives_unexpected_errors_and_keeps_rows_when_stopped(hostile_fo
     assert (table["label"] != "").sum() == 1  # the non-UTF-8 file still predicted after it
     assert "Traceback" in capsys.readouterr().err
 
-    def interrupted_on_second_file(self, image):
+    def interrupted_on_second_file(self, image, **settings):
         if Path(image).name != "a-good.jpeg":
             raise KeyboardInterrupt
-        return real_predict(self, image)
+        return real_explain(self, image, **settings)
 
-    monkeypatch.setattr(Predictor, "predict", interrupted_on_second_file)
+    monkeypatch.setattr(Predictor, "explain", interrupted_on_second_file)
     assert main([str(hostile_folder), "--csv", str(out)]) == 130
     table = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert table["file"].str.endswith("a-good.jpeg").tolist() == [True]  # written before the interruption
