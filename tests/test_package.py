@@ -151,7 +151,7 @@ def test_every_import_is_a_declared_dependency():
 def test_requirements_install_the_package_with_its_extras():
     lines = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    assert lines == ["-e .[app,test]"]
+    assert lines == ["-e .[app,train,test]"]
     assert PYPROJECT["project"]["scripts"] == {"covidxr": "covidxr.cli:main"}
 
 
