@@ -106,7 +106,7 @@ def test_occlusion_command_on_real_xrays(tmp_path, predictor, small_manifest):
     from sklearn.metrics import roc_auc_score
 
     result = main(["--manifest", str(small_manifest), "--filter", "source_dataset=ieee8023,nih14",
-                   "--occlusion", "--out", str(tmp_path)])
+                   "--occlusion", "--all-patients", "--out", str(tmp_path)])
     rows = pd.read_csv(tmp_path / "occlusion.csv", keep_default_na=False)
     assert set(rows["target"]) == {"covid", "normal", "pneumonia", ""}
     assert json.loads((tmp_path / "occlusion.json").read_text())["all"]["images"] == (rows["target"] != "").sum()

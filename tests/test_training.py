@@ -87,7 +87,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [1]
     predictor = Predictor.load(out / "model.safetensors")
     assert predictor.config["training"]["epochs_run"] == 1
-    assert predictor.predict(np.zeros((80, 80), np.uint8)).label in predictor.classes
+    assert predictor.predict(np.zeros((80, 80), np.uint8)).decided in predictor.classes  # refused (blank), still decided
 
 
 def test_progressive_resizing_trains_small_then_full_size(tmp_path):
@@ -103,4 +103,4 @@ def test_progressive_resizing_trains_small_then_full_size(tmp_path):
     config = read_config(out / "model.safetensors")
     assert config["input_size"] == 64 and config["training"]["start_size"] == 32
     assert config["training"]["kept_epoch"] == 3
-    assert Predictor.load(out / "model.safetensors").predict(np.zeros((80, 80), np.uint8)).label in config["classes"]
+    assert Predictor.load(out / "model.safetensors").predict(np.zeros((80, 80), np.uint8)).decided in config["classes"]
