@@ -106,21 +106,6 @@ class Explanation:
     def lung_focus(self) -> float | None:
         return self._shares.get("lung_focus")
 
-    @cached_property
-    def chance_focus(self) -> float | None:
-        """The lung focus of a map spread evenly over what the model read (the lungs' box for a
-        lung-reading model, else the whole image): a map that scores no more than this does not
-        favour the lungs at all. None without a lung model."""
-        mask = self.lung_mask
-        if mask is None:
-            return None
-        if self.framing is not None:
-            (top, left, bottom, right), (height, width) = self.framing.box, self.framing.shape
-            scale_y, scale_x = mask.shape[0] / height, mask.shape[1] / width
-            top, left = round(top * scale_y), round(left * scale_x)
-            mask = mask[top:max(top + 1, round(bottom * scale_y)), left:max(left + 1, round(right * scale_x))]
-        return float(mask.mean())
-
     @property
     def border_share(self) -> float | None:
         return self._shares.get("border_share")
