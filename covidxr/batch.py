@@ -8,7 +8,10 @@ but is no file (a folder, a FIFO, a socket, a symbolic link loop) is reported as
 the reason. Files named directly are always tried. The exit status is 1 when any file failed.
 
 File names that are not valid UTF-8, and control characters in them, are printed and written
-escaped (`\\xe9`), so any name on disk gets its row.
+escaped (`\\xe9`), so any name on disk gets its row. A cell that a spreadsheet would run as a
+formula (`=1+2.png`: it starts with =, +, -, @, a tab or a carriage return) gets a leading `'`
+(OWASP's rule for CSV injection). Heatmaps are written at most CAM_MAX_SIDE pixels a side: the
+map is made for the image shrunk first, so a 64-megapixel file costs no 64-megapixel overlay.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ from .explain import METHODS
 from .predictor import Predictor
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# What a spreadsheet reads as the start of a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Heatmap overlays are written at most this many pixels a side (the prediction still reads the
+# whole image): a 64-megapixel input's full-size map, overlay and mask peaked at 4.7 GB.
+CAM_MAX_SIDE = 2048
 
 
 @dataclass
@@ -88,6 +96,11 @@ def printable(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", lambda match: f"\\x{ord(match.group()):02x}", decoded)
 
 
+def spreadsheet_safe(cell: str) -> str:
+    """`cell`, with a leading `'` when a spreadsheet would run it as a formula."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
 class Results:
     """Each row, as soon as it is known: a tab-separated line on stdout and a CSV row, flushed."""
 
@@ -103,7 +116,7 @@ class Results:
         tqdm.write("\t".join(columns), file=sys.stdout)
 
     def write(self, row: dict) -> None:
-        row = {column: printable(str(row.get(column, ""))) for column in self.columns}
+        row = {column: spreadsheet_safe(printable(str(row.get(column, "")))) for column in self.columns}
         tqdm.write("\t".join(row.values()), file=sys.stdout)
         if self.handle:
             self.writer.writerow(row)
@@ -131,7 +144,7 @@ def predict_files(predictor: Predictor, entries: list[Entry], results: Results, 
             continue
         try:
             if cam_dir:
-                explanation = predictor.explain(path, method=method)
+                explanation = predictor.explain(path, method=method, max_side=CAM_MAX_SIDE)
                 prediction = explanation.prediction
                 explanation.overlay.save(cam_dir / _unique_name(f"{path.stem}_{method}", saved_names))
             else:
