@@ -3,14 +3,17 @@
 `main` is its command line (`python app.py`, `covidxr serve`). The one analysis function,
 `XrayApp.analyse_and_keep`, serves the upload, the examples, a change of method or class and
 the programmatic endpoint `/predict` alike, one request per user action; a new opacity only
-re-blends the map kept for the session. An input the not-an-X-ray check flags is refused: no
-class is called, the probabilities are greyed detail. `XrayApp.admit` checks each request
-before it may join the queue.
+re-blends the map kept for the session (sessions.py: the session holds only a key). Every
+handler runs through `XrayApp.served`: one analysis at a time, stoppable by a cancel
+(limits.py). An input the not-an-X-ray check flags is refused: no class is called, the
+probabilities are greyed detail. `XrayApp.admit` checks each request before it may join the
+queue.
 
 For a server others can reach: uploads and results live in the app's own temp folder and are
 deleted an hour after they were made (and all of them when the app stops), usage analytics
-are off, `--auth` / `--auth-file` ask for a login, each client may have only a few analyses
-waiting, responses carry nosniff and frame headers, and `--public-url` builds result URLs from
+are off, `--auth` / `--auth-file` ask for a login (logins.py: throttled, expiring), each address
+may have only a few jobs waiting or running (limits.py), an unknown API name gets 404, responses
+carry nosniff and frame headers, and `--public-url` builds result URLs from
 the public address instead of the request's Host header.
 """
 
