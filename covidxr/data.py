@@ -450,13 +450,17 @@ def check_split(frame: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------------------------
 
 def training_augmentation(rotation: float = 10.0, brightness: float = 0.3, contrast: float = 0.3,
-                          erase_probability: float = 0.25, hide_shortcuts: bool = False) -> v2.Compose:
+                          erase_probability: float = 0.25, hide_shortcuts: bool = False,
+                          photometric: bool = False) -> v2.Compose:
     """The 2020 recipe (rotation, brightness) plus small shifts, zoom, contrast and erasing.
 
     Random erasing of a patch makes the network gather evidence from more than one spot, which
-    keeps it from leaning on a single marker or border. `hide_shortcuts` adds `HideShortcuts`."""
+    keeps it from leaning on a single marker or border. `hide_shortcuts` adds `HideShortcuts`,
+    `photometric` adds `SourceJitter`."""
     steps = [v2.RandomAffine(degrees=rotation, translate=(0.06, 0.06), scale=(0.9, 1.1)),
              v2.ColorJitter(brightness=brightness, contrast=contrast)]
+    if photometric:
+        steps.append(SourceJitter())
     if hide_shortcuts:
         steps.append(HideShortcuts())
     steps.append(v2.RandomErasing(p=erase_probability, scale=(0.02, 0.1), value=0))
@@ -495,6 +499,74 @@ class HideShortcuts(torch.nn.Module):
             image[..., :band(0.05, 0.15), :] = fill
         gamma = self.gamma[0] + (self.gamma[1] - self.gamma[0]) * torch.rand(()).item()
         return v2.functional.adjust_gamma(image, gamma)
+
+
+class SourceJitter(torch.nn.Module):
+    """Make a scanner's or a journal's fingerprint stop paying: each step, at random, changes how
+    an X-ray was acquired or processed while leaving the anatomy and the disease where they are.
+
+    The COVID films in the training data come mostly from journal figures and a few hospitals,
+    the adult normals mostly from one (NIH): tone curve, contrast, sharpness, noise, resolution
+    and compression tell them apart, inside the lungs as well as outside. Gamma and contrast
+    stand for exposure and processing, blur and resolution loss for detectors and downscaled
+    figures, grain for film and detector noise, JPEG re-encoding for publication, and histogram
+    equalisation for the processing some hospitals apply. Works on uint8 (1, S, S) images;
+    a region travelling with the image (XrayTensors) is left as it is."""
+
+    def __init__(self, probability: float = 0.35):
+        super().__init__()
+        p = probability
+        self.steps = v2.Compose([
+            v2.RandomApply([_Gamma((0.6, 1.7))], p=p),
+            v2.RandomApply([v2.ColorJitter(contrast=0.4)], p=p),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=p),
+            v2.RandomApply([_ResolutionLoss((0.25, 0.7))], p=p),
+            v2.RandomApply([_Grain((0.01, 0.05))], p=p),
+            v2.RandomApply([v2.JPEG((20, 85))], p=p),
+            v2.RandomEqualize(p=p / 2),
+        ])
+
+    def forward(self, image: torch.Tensor, *others):
+        if others:
+            return (self.forward(image), *others)
+        return self.steps(image)
+
+
+class _Gamma(torch.nn.Module):
+    def __init__(self, gamma: tuple[float, float]):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        low, high = np.log(self.gamma[0]), np.log(self.gamma[1])  # as likely to darken as to brighten
+        return TF.adjust_gamma(image, float(np.exp(low + (high - low) * torch.rand(()).item())))
+
+
+class _ResolutionLoss(torch.nn.Module):
+    """Down to a fraction of the size and back up: a downscaled figure or a coarse detector."""
+
+    def __init__(self, scale: tuple[float, float]):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        size = image.shape[-1]
+        factor = self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(()).item()
+        small = TF.resize(image, [max(8, round(size * factor))] * 2, antialias=True)
+        return TF.resize(small, [size, size], antialias=False)
+
+
+class _Grain(torch.nn.Module):
+    """Gaussian noise, its strength a fraction of the full range."""
+
+    def __init__(self, sigma: tuple[float, float]):
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        sigma = 255 * (self.sigma[0] + (self.sigma[1] - self.sigma[0]) * torch.rand(()).item())
+        noisy = image.float() + sigma * torch.randn(image.shape)
+        return noisy.clamp(0, 255).round().to(torch.uint8)
 
 
 @dataclass

