@@ -453,24 +453,28 @@ class XrayApp:
             inputs = [upload, method, explain_class, opacity]
             outputs = [probabilities, original, overlay_image, summary, shown]
             model = dict(concurrency_id="model", validator=self.admit)
+            # Handlers run through `served` (serve_*); their API names stay the plain methods' names.
             # One request per user action: the upload, each change of method or class, each example
             # click; a new opacity only re-blends the kept map (tests/test_app.py counts them in Chromium).
-            analysed = upload.upload(self.serve_upload, inputs, outputs, api_visibility="private", **model)
+            analysed = upload.upload(self.serve_upload, inputs, outputs, api_name="analyse_and_keep",
+                                     api_visibility="private", **model)
             analysed.success(None, js=SHOW_RESULT_JS)
             analysed.failure(None, None, outputs[:4], js=CLEAR_RESULT_JS)
             # The dropdown's `input` event fired twice per choice (Gradio 6.31, Chromium); `select` once.
-            method.select(self.serve_reanalyse, inputs, outputs, api_visibility="private", trigger_mode="always_last",
-                          **model)
-            explain_class.input(self.serve_reanalyse, inputs, outputs, api_visibility="private",
+            method.select(self.serve_reanalyse, inputs, outputs, api_name="reanalyse", api_visibility="private",
+                          trigger_mode="always_last", **model)
+            explain_class.input(self.serve_reanalyse, inputs, outputs, api_name="reanalyse", api_visibility="private",
                                 trigger_mode="always_last", **model)
-            opacity.release(self.serve_reblend, [shown, opacity], overlay_image, api_visibility="private",
-                            trigger_mode="always_last", concurrency_id="blend", validator=self.admit_opacity)
+            opacity.release(self.serve_reblend, [shown, opacity], overlay_image, api_name="reblend",
+                            api_visibility="private", trigger_mode="always_last", concurrency_id="blend",
+                            validator=self.admit_opacity)
             # The `/predict` API: plain values (no page updates), through a button the page does not show.
             api = gr.Button(visible=False)
             api.click(self.serve_analyse, inputs, outputs[:4], api_name="predict", **model)
             if self.examples:
                 examples.click(self.serve_example, [examples, method, explain_class, opacity], [upload, *outputs],
-                               api_visibility="private", **model).success(None, js=SHOW_RESULT_JS)
+                               api_name="analyse_example", api_visibility="private",
+                               **model).success(None, js=SHOW_RESULT_JS)
         # One model, one request at a time: the explainer's hooks are not thread-safe, and
         # two CPU-bound requests would only slow each other down. (The predictor's lock holds
         # it even when a cancelled job's thread has not stopped yet: limits.py.)
