@@ -46,7 +46,8 @@ class AppProcess:
     """`python app.py` in its own process on a free local port; a context manager."""
 
     def __init__(self, examples_dir: Path | None = None, log: Path | None = None, checkpoint: str | None = None,
-                 start_timeout: float = 180, environment: dict[str, str] | None = None):
+                 start_timeout: float = 180, environment: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -56,6 +57,7 @@ class AppProcess:
             command += ["--examples-dir", str(examples_dir)]
         if checkpoint:
             command += ["--checkpoint", str(checkpoint)]
+        command += extra_args or []
         # Output to a file: an unread pipe fills up and blocks the server.
         self.log = Path(log) if log else Path(os.devnull)
         self._log_handle = open(self.log, "w")

@@ -4,7 +4,10 @@
 
 Reports latency per request (median, p95, max, as each client sees it: upload, queue, predict,
 Grad-CAM, overlay download), errors (there should be none), throughput, and the server's
-resident memory before, during and after, to show it does not keep growing.
+resident memory before, during and after, to show it does not keep growing, and after 300
+fresh sessions (a new client, so a new session, for each analysis). Each client thread comes
+from its own address (X-Forwarded-For, with the app trusting 127.0.0.1 as its proxy), as users
+of a public server would: the app caps jobs per address.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from covidxr.data import data_dir
 from .common import AppProcess, default_images, machine, shared_ssl_context, write_markdown
 
 
+FRESH_SESSIONS = 300
+
+
 def run_load(url: str, images: list[Path], clients: int, requests: int, method: str = "gradcam",
-             sample_memory=None, progress: bool = True) -> dict:
-    """`requests` calls to /predict spread over `clients` threads, each with its own Client."""
+             sample_memory=None, progress: bool = True, fresh_sessions: bool = False) -> dict:
+    """`requests` calls to /predict spread over `clients` threads, each with its own Client and
+    address; with `fresh_sessions`, a new Client (a new session) for every call."""
     from gradio_client import Client, handle_file
 
     latencies, errors, memory = [], [], []
@@ -34,8 +41,11 @@ def run_load(url: str, images: list[Path], clients: int, requests: int, method: 
     next_request = iter(range(requests))
     bar = tqdm(total=requests, desc=f"{clients} clients", unit="req", disable=not progress)
 
-    def client_loop():
-        client = Client(url, verbose=False, ssl_verify=shared_ssl_context())
+    def client_loop(number: int):
+        def new_client():
+            return Client(url, verbose=False, ssl_verify=shared_ssl_context(),
+                          headers={"X-Forwarded-For": f"10.1.{number // 250}.{number % 250 + 1}"})
+        client = new_client()
         while True:
             with lock:
                 index = next(next_request, None)
@@ -43,6 +53,8 @@ def run_load(url: str, images: list[Path], clients: int, requests: int, method: 
                 return
             started = time.perf_counter()
             try:
+                if fresh_sessions:
+                    client = new_client()
                 client.predict(handle_file(str(images[index % len(images)])), method, "predicted class", 0.4,
                                api_name="/predict")
                 with lock:
@@ -56,7 +68,7 @@ def run_load(url: str, images: list[Path], clients: int, requests: int, method: 
                     memory.append((index, sample_memory()))
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(number,)) for number in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -74,7 +86,7 @@ def run_load(url: str, images: list[Path], clients: int, requests: int, method: 
 def load_test(images: list[Path], clients: int, requests: int, method: str = "gradcam",
               examples_dir: Path | None = None, progress: bool = True) -> dict:
     """Launch the app, warm it up, measure memory, run the load, measure memory again."""
-    with AppProcess(examples_dir) as app:
+    with AppProcess(examples_dir, extra_args=["--trusted-proxy", "127.0.0.1"]) as app:
         rss_started = app.rss_mb()
         warm = run_load(app.url, images, 1, 3, method, progress=False)
         rss_before = app.rss_mb()
@@ -83,12 +95,16 @@ def load_test(images: list[Path], clients: int, requests: int, method: str = "gr
         # A second, equal round: memory that keeps growing would show up here again.
         second = run_load(app.url, images, clients, requests, method, app.rss_mb, progress)
         rss_after_second = app.rss_mb()
+        sessions = run_load(app.url, images, 4, FRESH_SESSIONS, method, progress=progress, fresh_sessions=True)
+        rss_after_sessions = app.rss_mb()
         alive = run_load(app.url, images, 1, 1, method, progress=False)
     result["second_round"] = {key: second[key] for key in ("ok", "errors", "latency_ms", "throughput_per_s")}
-    result["errors"] += second["errors"] + warm["errors"]
+    result["errors"] += second["errors"] + warm["errors"] + sessions["errors"]
     result["memory_mb"] = {"started": rss_started, "after_warmup": rss_before, "after_round_1": rss_after,
                            "after_round_2": rss_after_second,
-                           "growth_round_2": rss_after_second - rss_after}
+                           "growth_round_2": rss_after_second - rss_after,
+                           f"after_{FRESH_SESSIONS}_fresh_sessions": rss_after_sessions,
+                           "growth_fresh_sessions": rss_after_sessions - rss_after_second}
     result["answers_afterwards"] = alive["ok"] == 1
     result["cpu"] = {"cores": os.cpu_count(), "machine": machine()["cpu"]}
     return result

@@ -12,7 +12,10 @@ input that is no frontal chest X-ray the refusal with no class in the label colu
 focus and lungs-outside notice of the Grad-CAM map of the decided class; warnings; the error.
 
 File names that are not valid UTF-8, and control characters in them, are printed and written
-escaped (`\\xe9`), so any name on disk gets its row.
+escaped (`\\xe9`), so any name on disk gets its row. A cell that a spreadsheet would run as a
+formula (`=1+2.png`: it starts with =, +, -, @, a tab or a carriage return) gets a leading `'`
+(OWASP's rule for CSV injection). Heatmaps are written at most CAM_MAX_SIDE pixels a side: the
+map is made for the image shrunk first, so a 64-megapixel file costs no 64-megapixel overlay.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ FOCUS_SIDE = 1024
 PREDICTED = "predicted"
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# What a spreadsheet reads as the start of a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Heatmap overlays are written at most this many pixels a side (the prediction still reads the
+# whole image): a 64-megapixel input's full-size map, overlay and mask peaked at 4.7 GB.
+CAM_MAX_SIDE = 2048
 
 
 @dataclass
@@ -98,6 +106,11 @@ def printable(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", lambda match: f"\\x{ord(match.group()):02x}", decoded)
 
 
+def spreadsheet_safe(cell: str) -> str:
+    """`cell`, with a leading `'` when a spreadsheet would run it as a formula."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
 class Results:
     """Each row, as soon as it is known: a tab-separated line on stdout and a CSV row, flushed."""
 
@@ -113,7 +126,7 @@ class Results:
         tqdm.write("\t".join(columns), file=sys.stdout)
 
     def write(self, row: dict) -> None:
-        row = {column: printable(str(row.get(column, ""))) for column in self.columns}
+        row = {column: spreadsheet_safe(printable(str(row.get(column, "")))) for column in self.columns}
         tqdm.write("\t".join(row.values()), file=sys.stdout)
         if self.handle:
             self.writer.writerow(row)
@@ -165,7 +178,7 @@ def analyse(predictor: Predictor, path: Path, cam_dir: Path | None, method: str,
     decided class). With `cam_dir`, also the heatmap PNG of `method` for `cam_target` (default:
     the decided class), with a caption strip saying what it shows."""
     rule = report.notice_rule(predictor.config)
-    scored = predictor.explain(path, method=rule["method"], max_side=None if cam_dir else FOCUS_SIDE)
+    scored = predictor.explain(path, method=rule["method"], max_side=CAM_MAX_SIDE if cam_dir else FOCUS_SIDE)
     verdict = scored.verdict
     if cam_dir:
         same = identical_methods(predictor.config)
@@ -173,7 +186,7 @@ def analyse(predictor: Predictor, path: Path, cam_dir: Path | None, method: str,
             rule["method"] in same.get(method, ())
         wanted = cam_target if cam_target in predictor.classes else None
         drawn = scored if same_map and wanted in (None, scored.target) else \
-            predictor.explain(path, method=method, target=wanted)
+            predictor.explain(path, method=method, target=wanted, max_side=CAM_MAX_SIDE)
         picture = captioned(drawn.overlay, report.caption(drawn.verdict))
         picture.save(cam_dir / _unique_name(f"{path.stem}_{method}", saved_names))
     return verdict

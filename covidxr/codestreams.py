@@ -9,6 +9,10 @@ only what they checked:
   the frame header (SOF) gives width, height, components and precision.
 - JPEG 2000 (ISO 15444, also HTJ2K), as a bare codestream or in a JP2 file: the SIZ segment.
 - DICOM RLE (PS3.5 annex G): the segment table, and how many bytes each segment decodes to.
+
+Decoders also fill in what is missing: libjpeg pads a JPEG cut short (or one whose header claims
+more pixels than its data hold) with gray, and OpenJPEG decodes a cut JPEG 2000 codestream at a
+lower quality, both without an error. `ends_complete` and `most_pixels` catch that before decoding.
 """
 
 from __future__ import annotations
@@ -84,6 +88,33 @@ def jpeg_header(data) -> FrameHeader:
     else:
         raise CodestreamError(f"the JPEG data has more than {MAX_SEGMENTS} segments before its image data")
     raise CodestreamError("the JPEG data has no frame header before its image data")
+
+
+# The fewest pixels one byte of Huffman-coded DCT data can carry: a sequential scan codes every
+# 8x8 block with at least a DC code and an end-of-block code, 1 bit or more each (64 pixels per
+# 2 bits); a progressive image's first (DC) scan spends at least a bit on every block.
+PIXELS_PER_CODED_BYTE = {0xC0: 256, 0xC1: 256, 0xC2: 512}
+
+
+def most_pixels(header: FrameHeader, coded_bytes: int) -> int | None:
+    """The most pixels `coded_bytes` of scan data can hold under this frame's coding; None where
+    the coding has no such bound (arithmetic coding, lossless JPEG, JPEG-LS runs)."""
+    per_byte = PIXELS_PER_CODED_BYTE.get(header.marker)
+    return None if per_byte is None else coded_bytes * per_byte
+
+
+MAX_PADDING = 4  # zero bytes after the end marker: each wrapping may pad to even length
+
+
+def ends_complete(data) -> bool:
+    """Whether a JPEG, JPEG-LS or JPEG 2000 stream ends with its end marker (EOI, or EOC for
+    JPEG 2000: both FF D9), allowing the zero bytes that pad a DICOM frame (and a codestream
+    inside it) to even length. A stream cut anywhere loses it: in coded data, FF is never
+    followed by D9."""
+    end = len(data)
+    while end and len(data) - end < MAX_PADDING and data[end - 1] == 0:
+        end -= 1
+    return end >= 2 and bytes(data[end - 2:end]) == b"\xff\xd9"
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ higher values are darker) are inverted, so bone is bright whatever the scanner w
 
 Nothing is decoded before it is checked: the attributes the decoder relies on (frames, size,
 samples, bit depths, rescale, window), and, for compressed transfer syntaxes, each frame's own
-header (codestreams.py), which must give the same size as Rows and Columns. Any failure after
+header (codestreams.py), which must give the same size as Rows and Columns. A JPEG or JPEG 2000
+frame must also end with its end marker (a frame cut short is decoded with padding, without an
+error), and a Huffman-coded JPEG frame must hold enough data for the pixels its header claims
+(a 640-px frame whose header says 8000 x 8000 would be padded to 64 megapixels). Any failure after
 the file is recognised as DICOM is raised as `error` (data.py passes ImageLoadError) with the
 reason in plain words.
 """
@@ -25,7 +28,8 @@ from pydicom.encaps import generate_frames
 from pydicom.filereader import read_file_meta_info
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from .codestreams import CodestreamError, j2k_header, jpeg_header, rle_decoded_length, rle_segments
+from .codestreams import (CodestreamError, ends_complete, j2k_header, jpeg_header, most_pixels, rle_decoded_length,
+                          rle_segments)
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 JPEG_SYNTAXES = {*uid.JPEGTransferSyntaxes, *uid.JPEGLSTransferSyntaxes}
@@ -152,6 +156,15 @@ def _check_pixel_data(dataset: pydicom.Dataset, rows: int, columns: int, bits_al
     if header.components != 1:
         raise _Refused(f"its {_syntax_name(dataset)} frame has {header.components} colour components; "
                        "a grayscale radiograph has 1")
+    frame = frames[0]
+    if not ends_complete(frame):
+        raise _Refused(f"its {_syntax_name(dataset)} frame is cut short (it has no end marker): "
+                       "the file is truncated or damaged")
+    capacity = most_pixels(header, len(frame) - header.scan_start) if syntax in JPEG_SYNTAXES else None
+    if capacity is not None and capacity < rows * columns:
+        raise _Refused(f"its {_syntax_name(dataset)} frame says {columns} x {rows} pixels, far more than its "
+                       f"{len(frame) - header.scan_start} bytes of image data can hold (the file is truncated "
+                       "or damaged)")
 
 
 def _check_rle_frame(frame: bytes, rows: int, columns: int, bits_allocated: int) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,10 @@ class Predictor:
         self.lungs_checkpoint = None  # None: the shipped lung model (segment.py); False: none
         self._segmenter = None
         self._explainer = None
+        # Held around every forward (and CAM backward) pass: the hooks on the networks are
+        # shared, so two threads at once would mix up each other's activations. Re-entrant, so a
+        # caller (the app) can hold it around a whole analysis.
+        self.lock = threading.RLock()
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None) -> "Predictor":
@@ -145,9 +150,20 @@ class Predictor:
         """Softmax probabilities (N, C) for prepared uint8 images (N, 1, S, S), `chunk` at a time."""
         return self.probabilities_and_features(batch, chunk)[0]
 
-    @torch.inference_mode()
+    def add_forward_check(self, check) -> None:
+        """Call `check(module, inputs)` before each forward pass of the classifier and of the
+        explainer's copy (a pre-hook): it may raise to stop the work (limits.stop_if_cancelled)."""
+        self.model.register_forward_pre_hook(check)
+        if self._explainer is not None:
+            self._explainer.model.register_forward_pre_hook(check)
+
     def probabilities_and_features(self, batch: torch.Tensor, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (N, C), penultimate features (N, D)) from one forward pass."""
+        with self.lock:
+            return self._probabilities_and_features(batch, chunk)
+
+    @torch.inference_mode()
+    def _probabilities_and_features(self, batch: torch.Tensor, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         self.model.eval()
         probabilities, features = [], []
         hook = FeatureHook(self.model)  # removed again below: the model may be shared (training)
@@ -232,11 +248,13 @@ class Predictor:
                 max_side: int | None = None):
         """A class activation map for `target` (default: the predicted class), at the image's size
         or at most `max_side` pixels a side; see explain.py."""
-        if self._explainer is None:
-            from .explain import Explainer
+        with self.lock:
+            if self._explainer is None:
+                from .explain import Explainer
 
-            self._explainer = Explainer(self)
-        return self._explainer.explain(image, method=method, target=target, opacity=opacity, max_side=max_side)
+                self._explainer = Explainer(self)  # its copy of the network keeps the forward checks
+            return self._explainer.explain(image, method=method, target=target, opacity=opacity,
+                                           max_side=max_side)
 
     def predict_batch(self, images, batch_size: int = 32, progress: bool = False) -> list[Prediction]:
         images = list(images)

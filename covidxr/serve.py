@@ -3,16 +3,19 @@
 `main` is its command line (`python app.py`, `covidxr serve`). The one analysis function,
 `XrayApp.analyse_and_keep`, serves the upload, the examples, a change of method or class and
 the programmatic endpoint `/predict` alike, one request per user action; a new opacity only
-re-blends the map kept for the session. What the page says is the analysis's verdict
-(report.py), as in the CLI and the API: this module only wires it into Gradio. An input the
-not-an-X-ray check refuses gets no class, the probabilities are greyed detail; a file that
-cannot be read gets its error in the result area (`XrayApp.show`), in place of the previous
-result. `XrayApp.admit` checks each request before it may join the queue.
+re-blends the map kept for the session (sessions.py: the session holds only a key). Every
+handler runs through `XrayApp.served`: one analysis at a time, stoppable by a cancel
+(limits.py). What the page says is the analysis's verdict (report.py), as in the CLI and the
+API: this module only wires it into Gradio. An input the not-an-X-ray check refuses gets no
+class, the probabilities are greyed detail; a file that cannot be read gets its error in the
+result area (`XrayApp.show`), in place of the previous result. `XrayApp.admit` checks each
+request before it may join the queue.
 
 For a server others can reach: uploads and results live in the app's own temp folder and are
 deleted an hour after they were made (and all of them when the app stops), usage analytics
-are off, `--auth` / `--auth-file` ask for a login, each client may have only a few analyses
-waiting, responses carry nosniff and frame headers, and `--public-url` builds result URLs from
+are off, `--auth` / `--auth-file` ask for a login (logins.py: throttled, expiring), each address
+may have only a few jobs waiting or running (limits.py), an unknown API name gets 404, responses
+carry nosniff and frame headers, and `--public-url` builds result URLs from
 the public address instead of the request's Host header.
 """
 
@@ -42,10 +45,13 @@ from . import report
 from .checkpoint import current
 from .data import ImageLoadError
 from .examples import FETCH_COMMAND, available_examples
-from .explain import METHODS, identical_methods, overlay
+from .explain import METHODS, identical_methods
 from .legend import LEGEND_HTML
+from .limits import ClientLimits, OneAtATime, send_json, stop_if_cancelled
+from .logins import LoginGuard, read_logins
 from .predictor import Predictor
 from .report import DEFAULT_NOTICE, METHOD_LABELS, NOT_AN_XRAY, NOT_AN_XRAY_HEADLINE, notice_rule  # noqa: F401
+from .sessions import KEPT_FOR_S, KeptMaps, Shown
 
 PREDICTED = "predicted class"
 NOTICE = ("**Research and teaching tool, not a medical device.** Not validated for clinical use: "
@@ -59,9 +65,9 @@ M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
 # Uploads and results are deleted this long after they were made; the check runs as often.
 FILE_LIFETIME_S = 3600
 QUEUE_SIZE = 64
-# Analyses one client (login, else address) may have waiting besides the one running: a user
-# needs one or two, and a script cannot fill the queue for everyone (Score-CAM takes seconds).
-MAX_WAITING_PER_CLIENT = 4
+# Jobs one address may have waiting or running: a user needs one or two, several users behind one
+# address (an office, a proxy) share them, and a script cannot fill the queue for everyone.
+MAX_JOBS_PER_CLIENT = 8
 log = logging.getLogger("covidxr.serve")
 
 
@@ -171,17 +177,6 @@ def notice_facts(config: dict) -> str:
                    "(`python -m covidxr.audit --store-notice` measures one).")
 
 
-@dataclass
-class Shown:
-    """What the page shows of the last analysis, kept per browser session so that a new opacity
-    only re-blends (no forward pass)."""
-
-    image: np.ndarray
-    heatmap: np.ndarray
-    lung_mask: np.ndarray | None  # None: no outline (no lung model, or the input came with warnings)
-
-    def overlay(self, opacity: float) -> Image.Image:
-        return overlay(self.image, self.heatmap, opacity, self.lung_mask)
 
 
 class XrayApp:
@@ -189,6 +184,10 @@ class XrayApp:
         self.predictor = predictor
         self.examples = available_examples(examples_dir) if examples_dir else available_examples()
         self.demo = None  # the Blocks, once built
+        self.kept = KeptMaps()  # each page session's last map, by key (sessions.py)
+        self.one_at_a_time = OneAtATime(predictor.lock)
+        predictor.add_forward_check(stop_if_cancelled)  # a cancelled analysis stops at its next pass
+        self.limits = ClientLimits(MAX_JOBS_PER_CLIENT)
 
     def problems(self, method, explain_class, opacity) -> dict[str, str]:
         """What is wrong with a request's settings, by parameter name; empty when nothing is.
@@ -207,31 +206,45 @@ class XrayApp:
             problems["opacity"] = f"Opacity must be a number from 0 to 1, not {_quoted(opacity)}."
         return problems
 
-    def admit(self, file, method, explain_class, opacity, request: gr.Request):
-        """Gradio's validator, run before a request joins the queue: refused settings, and a
-        client that already has MAX_WAITING_PER_CLIENT analyses waiting, never take a place.
-        (For an example click, `file` is the example's number.)"""
+    def admit(self, file, method, explain_class, opacity):
+        """Gradio's validator, run before a request joins the queue: refused settings never take
+        a place. (For an example click, `file` is the example's number.) The cap per client is
+        counted as the job joins (limits.ClientLimits)."""
         problems = self.problems(method, explain_class, opacity)
-        client = _client(request)
-        if self.waiting(client) >= MAX_WAITING_PER_CLIENT:
-            log.info("refused a request from %s: %d analyses already waiting", client, MAX_WAITING_PER_CLIENT)
-            problems["file"] = (f"You already have {MAX_WAITING_PER_CLIENT} analyses waiting; "
-                                "try again when they are done.")
         names = ("file", "method", "explain_class", "opacity")
         return [gr.validate(name not in problems, html.escape(problems.get(name, ""), quote=False))
                 for name in names]
 
-    def admit_opacity(self, shown, opacity, request: gr.Request):
+    def admit_opacity(self, shown, opacity):
         """The validator of a re-blend: the opacity checked as for an analysis."""
         problem = self.problems("gradcam", PREDICTED, opacity).get("opacity", "")
         return [gr.validate(True, ""), gr.validate(not problem, html.escape(problem, quote=False))]
 
-    def waiting(self, client: str) -> int:
-        """How many of this client's analyses wait in the queue (the running one not counted)."""
-        # Gradio has no per-client limit of its own; its queue is read, never changed.
-        queues = getattr(getattr(self.demo, "_queue", None), "event_queue_per_concurrency_id", {})
-        return sum(_client(event.request, event.username) == client
-                   for queue in list(queues.values()) for event in list(queue.queue))
+    async def served(self, request: gr.Request, work, *args):
+        """`work(*args)` as one job of the queue: on a worker thread, one analysis at a time,
+        stopped at its next stage if cancelled, and counted against its client until it ends."""
+        client = _address(request)
+        self.limits.started(client, getattr(request, "session_hash", None))
+        try:
+            return await self.one_at_a_time.run(work, *args)
+        finally:
+            self.limits.ended(client)
+
+    # The page's and the API's handlers: each runs its plain method below through `served`.
+    async def serve_analyse(self, file, method, explain_class, opacity, request: gr.Request):
+        return await self.served(request, self.analyse, file, method, explain_class, opacity)
+
+    async def serve_upload(self, file, method, explain_class, opacity, request: gr.Request):
+        return await self.served(request, self.show_new, file, method, explain_class, opacity)
+
+    async def serve_reanalyse(self, file, method, explain_class, opacity, request: gr.Request):
+        return await self.served(request, self.reanalyse, file, method, explain_class, opacity)
+
+    async def serve_example(self, index, method, explain_class, opacity, request: gr.Request):
+        return await self.served(request, self.analyse_example, index, method, explain_class, opacity)
+
+    async def serve_reblend(self, shown, opacity, request: gr.Request):
+        return await self.served(request, self.reblend, shown, opacity)
 
     def analyse(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
         """(label, original, overlay, summary) for an uploaded file path: the `/predict` API.
@@ -245,12 +258,12 @@ class XrayApp:
 
     def analyse_and_keep(self, file, method: str = "gradcam", explain_class: str = PREDICTED,
                          opacity: float = 0.4):
-        """`analyse`'s four outputs, and what to keep for re-blending (`Shown`). What is said is
-        the analysis's verdict (report.py), as everywhere else. The label always goes out as a
-        plain value, never as a component update: Gradio postprocesses an update with a fresh
-        copy of the component, which would lose the decided class (`_decided_as_is`). A refused
-        input's label is the refusal alone, with no probability bars (the summary gives them as
-        greyed detail). A file that cannot be analysed raises `gr.Error` with the reason."""
+        """`analyse`'s four outputs, and the key of what is kept for re-blending (sessions.py).
+        What is said is the analysis's verdict (report.py), as everywhere else. The label always
+        goes out as a plain value, never as a component update: Gradio postprocesses an update
+        with a fresh copy of the component, which would lose the decided class (`_decided_as_is`).
+        A refused input's label is the refusal alone, with no probability bars (the summary gives
+        them as greyed detail). A file that cannot be analysed raises `gr.Error` with the reason."""
         if not file:
             raise gr.Error("Upload a chest X-ray (PNG, JPEG or DICOM) or click an example first.",
                            print_exception=False)
@@ -263,17 +276,22 @@ class XrayApp:
             explanation = self.predictor.explain(path, method=method, target=target, opacity=float(opacity),
                                                  max_side=DISPLAY_SIDE)
         except ImageLoadError as error:
-            # An expected refusal: one line in the log, no traceback; the file named once.
+            # An expected refusal: one line in the log, no traceback; the file named once. An
+            # upload is deleted at once (nothing of it is kept or served back).
             message = str(error) if str(error).startswith(path.name) else f"{path.name}: {error}"
             log.info("refused an upload: %s", message)
+            _delete_upload(path)
             raise gr.Error(html.escape(message, quote=False), print_exception=False) from error
+        stop_if_cancelled()  # a stage boundary: the map is made; the verdict and the overlay follow
         verdict = explanation.verdict
         # Lungs outlined only for an X-ray read without warnings: lungs "found" on a photo or a
         # document would mean nothing.
         outlined = verdict.status == report.RESULT and not verdict.warnings
-        shown = Shown(explanation.image, explanation.heatmap, explanation.lung_mask if outlined else None)
-        original = Image.fromarray((explanation.image * 255).round().astype("uint8"))
-        return label_data(verdict), original, shown.overlay(float(opacity)), report.markdown(verdict), shown
+        shown = Shown.of(explanation.image, explanation.heatmap, explanation.lung_mask if outlined else None)
+        result = (label_data(verdict), Image.fromarray(shown.image), shown.overlay(float(opacity)),
+                  report.markdown(verdict))
+        stop_if_cancelled()
+        return (*result, self.kept.keep(shown))
 
     def show(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
         """The page's handler: `analyse_and_keep`, except that a file which cannot be analysed
@@ -300,9 +318,13 @@ class XrayApp:
         """The upload cleared: the result goes with it, and the explained class is reset."""
         return PREDICTED, None, None, None, "", None
 
-    def reblend(self, shown: Shown | None, opacity):
-        """The overlay at a new opacity from the kept map: no forward pass."""
+    def reblend(self, kept: str | None, opacity):
+        """The overlay at a new opacity from the kept map: no forward pass. A map no longer kept
+        (KEPT_FOR_S after its last use, or dropped for newer ones) leaves the overlay as it is."""
+        shown = self.kept.get(kept)
         if shown is None:
+            if kept is not None:
+                gr.Info("This analysis is no longer kept: choose the method again to redo it.")
             return gr.skip()
         return shown.overlay(float(opacity))
 
@@ -352,7 +374,7 @@ class XrayApp:
             gr.Markdown("# covidxr\nCOVID-19, normal or other pneumonia on a frontal chest X-ray, "
                         "with a heatmap of the regions that drove the decision.")
             gr.Markdown(NOTICE, elem_id="notice")
-            shown = gr.State(None, time_to_live=FILE_LIFETIME_S)
+            shown = gr.State(None, time_to_live=KEPT_FOR_S)  # a key into self.kept (sessions.py)
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
                     upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", file_count="single", elem_id="upload",
@@ -398,33 +420,37 @@ class XrayApp:
             inputs = [upload, method, explain_class, opacity]
             outputs = [probabilities, original, overlay_image, summary, shown]
             model = dict(concurrency_id="model", validator=self.admit)
+            # Handlers run through `served` (serve_*); their API names stay the plain methods' names.
             # One request per user action: the upload, each change of method or class, each example
             # click; a new opacity only re-blends the kept map (tests/test_app.py counts them in Chromium).
             # A new image resets the explained class; an error takes the result area's place.
-            analysed = upload.upload(self.show_new, inputs, [explain_class, *outputs], api_visibility="private",
-                                     **model)
+            analysed = upload.upload(self.serve_upload, inputs, [explain_class, *outputs], api_name="show_new",
+                                     api_visibility="private", **model)
             analysed.success(None, js=SHOW_RESULT_JS)
             # An unexpected failure (the handler itself shows the expected ones) still clears the
             # previous verdict: no result on the page may belong to another file.
             analysed.failure(self.failed, None, outputs, api_visibility="private")
             upload.clear(self.cleared, None, [explain_class, *outputs], api_visibility="private")
             # The dropdown's `input` event fired twice per choice (Gradio 6.31, Chromium); `select` once.
-            method.select(self.reanalyse, inputs, outputs, api_visibility="private", trigger_mode="always_last",
-                          **model)
-            explain_class.input(self.reanalyse, inputs, outputs, api_visibility="private",
+            method.select(self.serve_reanalyse, inputs, outputs, api_name="reanalyse", api_visibility="private",
+                          trigger_mode="always_last", **model)
+            explain_class.input(self.serve_reanalyse, inputs, outputs, api_name="reanalyse", api_visibility="private",
                                 trigger_mode="always_last", **model)
-            opacity.release(self.reblend, [shown, opacity], overlay_image, api_visibility="private",
-                            trigger_mode="always_last", concurrency_id="blend", validator=self.admit_opacity)
+            opacity.release(self.serve_reblend, [shown, opacity], overlay_image, api_name="reblend",
+                            api_visibility="private", trigger_mode="always_last", concurrency_id="blend",
+                            validator=self.admit_opacity)
             # The `/predict` API: plain values (no page updates), through a button the page does not show.
             api = gr.Button(visible=False)
-            api.click(self.analyse, inputs, outputs[:4], api_name="predict", **model)
+            api.click(self.serve_analyse, inputs, outputs[:4], api_name="predict", **model)
             if self.examples:
-                clicked = examples.click(self.analyse_example, [examples, method, explain_class, opacity],
-                                         [upload, explain_class, *outputs], api_visibility="private", **model)
+                clicked = examples.click(self.serve_example, [examples, method, explain_class, opacity],
+                                         [upload, explain_class, *outputs], api_name="analyse_example",
+                                         api_visibility="private", **model)
                 clicked.success(None, js=SHOW_RESULT_JS)
                 clicked.failure(self.failed, None, outputs, api_visibility="private")
         # One model, one request at a time: the explainer's hooks are not thread-safe, and
-        # two CPU-bound requests would only slow each other down.
+        # two CPU-bound requests would only slow each other down. (The predictor's lock holds
+        # it even when a cancelled job's thread has not stopped yet: limits.py.)
         demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
         self.demo = demo
         return demo
@@ -443,7 +469,7 @@ def label_data(verdict: report.Verdict) -> LabelData:
 
 def _decided_as_is(postprocess):
     """gr.Label's postprocess names the most probable class; a `LabelData` built by
-    `decided_label` passes through unchanged, so a threshold's decision is what both the page and
+    `label_data` passes through unchanged, so a threshold's decision is what both the page and
     `/predict` say. (A gr.Label subclass would do it too, but Gradio writes a .pyi stub beside
     the module of any component subclass at import time.)"""
     def keep_decided(value):
@@ -456,12 +482,24 @@ def _quoted(value) -> str:
     return text if len(text) <= 30 else text[:30] + "..."
 
 
-def _client(request, username: str | None = None) -> str:
-    """Who sent a request: the login when there is one, else the address (behind a reverse
-    proxy on this machine, uvicorn reads the client's address from X-Forwarded-For)."""
-    username = username or getattr(request, "username", None)
+def _address(request) -> str:
+    """The client's address: the connection's, or X-Forwarded-For's when the connection comes
+    from a proxy named by --trusted-proxy (uvicorn reads it, launch sets which proxies)."""
     client = getattr(request, "client", None)
-    return f"user {username}" if username else f"address {getattr(client, 'host', 'unknown')}"
+    return getattr(client, "host", None) or "unknown"
+
+
+def _delete_upload(path: Path) -> None:
+    """Delete a refused upload from the app's temp folder at once (never an example or a file
+    elsewhere: the API also takes paths the app itself handed out)."""
+    folder = os.environ.get("GRADIO_TEMP_DIR")
+    try:
+        if folder and path.resolve().is_relative_to(Path(folder).resolve()):
+            path.unlink(missing_ok=True)
+            if not any(path.parent.iterdir()):
+                path.parent.rmdir()
+    except OSError:
+        pass
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
@@ -514,16 +552,62 @@ def private_temp_dir() -> Path:
     return folder
 
 
+class KnownEndpoints:
+    """ASGI middleware: a call to an API name the app does not have gets 404 and one plain line
+    (Gradio answered 500 with the server's working directory in it), and no other server error
+    carries Gradio's own text either (it may name files of this machine)."""
+
+    CALL_ROUTES = ("/call/", "/run/", "/api/")
+
+    def __init__(self, app, api_names: set[str]):
+        self.app = app
+        self.api_names = api_names
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        for route in self.CALL_ROUTES:
+            if scope["method"] == "POST" and f"/gradio_api{route}" in path:
+                name = path.split(f"/gradio_api{route}", 1)[1].strip("/").split("/")[0]
+                if name not in self.api_names:
+                    return await send_json(send, 404, {"detail": f"No API endpoint named {_quoted(name)}; "
+                                                                 f"this app has {', '.join(sorted(self.api_names))}."})
+        failed = False
+
+        async def without_server_details(message):
+            nonlocal failed
+            if message["type"] == "http.response.start" and message["status"] >= 500:
+                failed = True
+                await send({**message, "headers": [(b"content-type", b"application/json")]})
+                return
+            if failed and message["type"] == "http.response.body":
+                if not message.get("more_body"):
+                    await send({"type": "http.response.body", "body": b'{"detail": "internal server error"}'})
+                return
+            await send(message)
+
+        await self.app(scope, receive, without_server_details)
+
+
 def launch(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            examples_dir: Path | None = None, block: bool = True, auth: list[tuple[str, str]] | None = None,
-           public_url: str | None = None):
+           public_url: str | None = None, trusted_proxies: list[str] | None = None):
     limit_malloc_arenas()
     private_temp_dir()
-    app = XrayApp(Predictor.load(checkpoint), examples_dir).build()
+    # uvicorn replaces the connection's address with X-Forwarded-For's only for these proxies
+    # (its default trusts 127.0.0.1, so any local client could claim any address).
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(trusted_proxies or [])
+    xray_app = XrayApp(Predictor.load(checkpoint), examples_dir)
+    app = xray_app.build()
+    # Outermost first: expired logins are dropped before anything reads them.
+    middleware = [Middleware(LoginGuard().middleware)] if auth else []
+    middleware += [Middleware(SecurityHeaders), Middleware(KnownEndpoints, api_names={"predict"}),
+                   Middleware(xray_app.limits.middleware)]
     # quiet: Gradio's own banner tells users to "set `share=True` in `launch()`"; ours names the flag.
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
                prevent_thread_lock=True, quiet=True, theme=gr.themes.Soft(), css=CSS, footer_links=["api"],
-               auth=auth or None, root_path=public_url, app_kwargs={"middleware": [Middleware(SecurityHeaders)]})
+               auth=auth or None, root_path=public_url, app_kwargs={"middleware": middleware})
     print(f"covidxr app running on {public_url or app.local_url}", flush=True)
     if not share:  # with --share, Gradio prints the public link itself, or why it could not make one
         print("For a public link, restart with --share (with --auth: README, 'Exposing the app safely'). "
@@ -531,21 +615,6 @@ def launch(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7
     if block:
         app.block_thread()
     return app
-
-
-def read_auth(pairs: list[str], files: list[Path]) -> list[tuple[str, str]]:
-    """USER:PASS pairs from the command line and from files (one a line, # comments)."""
-    lines = list(pairs)
-    for file in files:
-        lines += [line.strip() for line in file.read_text().splitlines()
-                  if line.strip() and not line.strip().startswith("#")]
-    logins = []
-    for line in lines:
-        user, colon, password = line.partition(":")
-        if not colon or not user or not password:
-            raise ValueError("a login must be USER:PASSWORD, with neither empty")
-        logins.append((user, password))
-    return logins
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -562,12 +631,15 @@ def main(argv: list[str] | None = None) -> None:
                              "process list: prefer --auth-file)")
     parser.add_argument("--auth-file", action="append", default=[], type=Path, metavar="FILE",
                         help="ask for one of the USER:PASS logins in FILE (one a line)")
+    parser.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
+                        help="a reverse proxy whose X-Forwarded-For header names the client (repeatable; "
+                             "an address or a network such as 10.0.0.0/8). Without it, the header is ignored")
     parser.add_argument("--public-url", default=None, metavar="URL",
                         help="the address users reach the app at (e.g. https://xray.example.org): result URLs "
                              "are built from it, not from the request's Host header")
     args = parser.parse_args(argv)
     try:
-        auth = read_auth(args.auth, args.auth_file)
+        auth = read_logins(args.auth, args.auth_file)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     if args.public_url and not args.public_url.startswith(("http://", "https://")):
@@ -582,4 +654,4 @@ def main(argv: list[str] | None = None) -> None:
     # Stopped with SIGTERM, exit normally, so that the temp folder with the uploads is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     launch(args.checkpoint, args.host, args.port, args.share, args.examples_dir, auth=auth,
-           public_url=args.public_url)
+           public_url=args.public_url, trusted_proxies=args.trusted_proxy)

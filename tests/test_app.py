@@ -109,7 +109,7 @@ def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
     assert all(warning in summary for warning in prediction.warnings)
     greyed = summary[summary.index('<span class="secondary">'):]
     assert all(f"{c} {p:.0%}" in greyed for c, p in prediction.probabilities.items())
-    assert shown.lung_mask is None and overlay.size == original.size
+    assert xray_app.kept.get(shown).lung_mask is None and overlay.size == original.size
     shown_label = next(b for b in xray_app.build().blocks.values() if isinstance(b, gr.Label)).postprocess(label)
     assert shown_label.label == NOT_AN_XRAY and not shown_label.confidences  # no probability bars
 

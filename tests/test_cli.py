@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -177,3 +178,30 @@ def test_module_entry_point_runs(folder):
     assert header.split("\t") == ["file", "label", "p_covid", "p_normal", "p_pneumonia", "lung_focus", "notice",
                                   "warning", "error"]
     assert line.startswith(str(folder / "a.jpeg"))
+
+
+def test_csv_cells_are_never_run_as_formulas(tmp_path, manifest_frame, monkeypatch, capsys):
+    """OWASP's rule: a cell starting with =, +, - or @ gets a leading quote, in the CSV and on stdout."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("=1+2.png", "+1.png", "-x.png", "@SUM(A1).png"):
+        shutil.copy(real_image(manifest_frame, "normal", "nih14"), tmp_path / name)
+    assert main(["predict", "--csv", "out.csv", "--", "=1+2.png", "+1.png", "-x.png", "@SUM(A1).png"]) == 0
+    cells = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)["file"].tolist()
+    assert cells == ["'=1+2.png", "'+1.png", "'-x.png", "'@SUM(A1).png"]
+    printed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert printed == cells
+
+
+def test_heatmaps_of_huge_images_are_written_downscaled(tmp_path):
+    """A 64-megapixel input would cost gigabytes of full-size map and overlay: the overlay is
+    made at most CAM_MAX_SIDE pixels a side, keeping the image's shape (the caption strip
+    below it adds only height)."""
+    from covidxr.batch import CAM_MAX_SIDE
+
+    height, width = 3000, 4500
+    ramp = (np.add.outer(np.arange(height), np.arange(width)) * 255 // (height + width)).astype(np.uint8)
+    Image.fromarray(ramp).save(tmp_path / "big.png")
+    assert main(["predict", str(tmp_path / "big.png"), "--cam-dir", str(tmp_path / "cams")]) == 0
+    written_width, written_height = Image.open(tmp_path / "cams" / "big_gradcam.png").size
+    assert written_width == CAM_MAX_SIDE
+    assert 0 < written_height - round(height * CAM_MAX_SIDE / width) < 300

@@ -150,9 +150,68 @@ def test_undecodable_compressed_dicom_is_refused_clearly(tmp_path, xray):
     # A size segment (SIZ) that matches the header, so the frame passes the checks and reaches
     # the decoder, and garbage where the coded data belong.
     siz = struct.pack(">HHIIIIIIIIHBBB", 41, 0, columns, rows, 0, 0, columns, rows, 0, 0, 1, 7, 1, 1)
-    dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51" + siz + b"garbage" * 100])
+    dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51" + siz + b"garbage" * 100 + b"\xff\xd9"])
     dataset["PixelData"].VR = "OB"
     dataset.file_meta.TransferSyntaxUID = uid.JPEG2000Lossless
     dataset.save_as(path, enforce_file_format=True)
     with pytest.raises(ImageLoadError, match="cannot decode DICOM pixel data .*JPEG 2000"):
         load_grayscale(path)
+
+
+def jpeg_dicom(path, jpeg: bytes, rows: int, columns: int, syntax=None):
+    """A DICOM holding `jpeg` as its one (encapsulated) frame, whatever state the frame is in."""
+    import pydicom
+    from pydicom import uid
+    from pydicom.encaps import encapsulate
+
+    dataset = pydicom.dcmread(write_dicom(path, np.zeros((8, 8)), 8))
+    dataset.Rows, dataset.Columns = rows, columns
+    dataset.PixelData = encapsulate([jpeg])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = syntax or uid.JPEGBaseline8Bit
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def xray_jpeg(xray) -> bytes:
+    """The real X-ray at 640 x 640 as a JPEG (quality 90), as a scanner might encapsulate it."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(xray[1].astype(np.uint8)).resize((640, 640)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
+def test_dicom_with_a_cut_jpeg_frame_is_refused(tmp_path, xray_jpeg, kept):
+    """The decoder pads a cut frame with gray and reports success; a plain JPEG cut so is refused."""
+    whole = jpeg_dicom(tmp_path / "whole.dcm", xray_jpeg, 640, 640)
+    assert load_grayscale(whole).shape == (640, 640)  # the uncut frame is read
+    cut = xray_jpeg[:int(len(xray_jpeg) * kept)]
+    with pytest.raises(ImageLoadError, match="frame is cut short"):
+        load_grayscale(jpeg_dicom(tmp_path / "cut.dcm", cut, 640, 640))
+
+
+def test_dicom_with_a_cut_jpeg2000_frame_is_refused(tmp_path, xray):
+    import pydicom
+    from pydicom import uid
+
+    dataset = pydicom.dcmread(write_dicom(tmp_path / "plain.dcm", xray[1][:256, :256], 8))
+    dataset.compress(uid.JPEG2000Lossless)
+    codestream = next(iter(__import__("pydicom").encaps.generate_frames(dataset.PixelData, number_of_frames=1)))
+    assert load_grayscale(jpeg_dicom(tmp_path / "whole.dcm", codestream, 256, 256, uid.JPEG2000Lossless)).shape \
+        == (256, 256)
+    cut = codestream[:int(len(codestream) * 0.8)]
+    with pytest.raises(ImageLoadError, match="frame is cut short"):
+        load_grayscale(jpeg_dicom(tmp_path / "cut.dcm", cut, 256, 256, uid.JPEG2000Lossless))
+
+
+def test_dicom_jpeg_frame_claiming_more_pixels_than_its_data_hold_is_refused(tmp_path, xray_jpeg):
+    """A 640-px frame whose header (and the DICOM's) says 8000 x 8000: libjpeg would pad it to 64
+    megapixels. Refused from the headers, before decoding."""
+    start = xray_jpeg.find(b"\xff\xc0")
+    claimed = bytearray(xray_jpeg)
+    claimed[start + 5:start + 9] = (8000).to_bytes(2, "big") * 2  # height, width
+    with pytest.raises(ImageLoadError, match="8000 x 8000 pixels, far more than its .* bytes of image data"):
+        load_grayscale(jpeg_dicom(tmp_path / "claims.dcm", bytes(claimed), 8000, 8000))

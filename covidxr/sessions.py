@@ -1,0 +1,84 @@
+"""What the page keeps of each visitor's last analysis, so that a new opacity only re-blends.
+
+A page session holds only a key (a random string); the maps live here, in one bounded table
+for all visitors: at most MOST_KEPT analyses, each for KEPT_FOR_S seconds after its last use, the least
+recently used dropped first. Each is stored at display size as 8-bit data (the X-ray, the map,
+the lung mask): about 2 MiB for a 1024-px image, where the float arrays took 7-9 MiB a session
+for an hour. A visitor whose map was dropped analyses again.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .explain import overlay
+
+MOST_KEPT = 48
+KEPT_FOR_S = 600
+
+
+@dataclass
+class Shown:
+    """The last analysis as the page shows it: 8-bit X-ray and map, display size."""
+
+    image: np.ndarray  # uint8 (H, W), the input as the model read it
+    heatmap: np.ndarray  # uint8 (H, W): the map as the colour map reads it (255 x map, truncated)
+    lung_mask: np.ndarray | None  # bool (H, W); None: no outline
+
+    @classmethod
+    def of(cls, image: np.ndarray, heatmap: np.ndarray, lung_mask: np.ndarray | None) -> "Shown":
+        """From float images in [0, 1]."""
+        return cls((image * 255).round().astype(np.uint8), np.uint8(255 * heatmap), lung_mask)
+
+    def overlay(self, opacity: float) -> Image.Image:
+        # The colour map takes uint8(255 x map): a quarter step up keeps the stored value exact.
+        return overlay(self.image.astype(np.float32) / 255, (self.heatmap.astype(np.float32) + 0.25) / 255,
+                       opacity, self.lung_mask)
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + self.heatmap.nbytes + (0 if self.lung_mask is None else self.lung_mask.nbytes)
+
+
+class KeptMaps:
+    def __init__(self, most: int = MOST_KEPT, lifetime_s: float = KEPT_FOR_S):
+        self.most, self.lifetime_s = most, lifetime_s
+        self.entries: OrderedDict[str, tuple[float, Shown]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def keep(self, shown: Shown) -> str:
+        key = secrets.token_urlsafe(16)
+        with self.lock:
+            self._drop_old(time.monotonic())
+            self.entries[key] = (time.monotonic(), shown)
+            while len(self.entries) > self.most:
+                self.entries.popitem(last=False)
+        return key
+
+    def get(self, key) -> Shown | None:
+        if not isinstance(key, str):
+            return None
+        with self.lock:
+            self._drop_old(time.monotonic())
+            entry = self.entries.get(key)
+            if entry is None:
+                return None
+            self.entries[key] = (time.monotonic(), entry[1])  # a re-blend keeps it alive
+            self.entries.move_to_end(key)
+            return entry[1]
+
+    def __len__(self) -> int:
+        with self.lock:
+            self._drop_old(time.monotonic())
+            return len(self.entries)
+
+    def _drop_old(self, now: float) -> None:
+        while self.entries and now - next(iter(self.entries.values()))[0] > self.lifetime_s:
+            self.entries.popitem(last=False)
