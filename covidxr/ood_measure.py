@@ -35,7 +35,7 @@ from .not_xrays import non_xray_images
 from .ood import OutOfDistribution, fit_for
 from .predictor import SHIPPED_CHECKPOINT, Predictor
 from .shifts import SHIFTS, shifted
-from .xray_check import XrayCheck
+from .xray_check import XrayCheck, fit_template
 
 
 def measure(predictor, detector: OutOfDistribution, test_paths: list[str], out_dir: Path | None = None) -> dict:
@@ -92,6 +92,9 @@ def _wilson(k: int, n: int) -> list[float]:
     return [float(interval.low), float(interval.high)]
 
 
+EVIDENCE = ("area", "confidence", "undecided", "template_iou", "notch")  # check_scores.csv's columns, per side
+
+
 def measure_check(check: XrayCheck, segmenter, test_paths: list[str], external: dict[str, list[str]],
                   shifts: list[str], out_dir: Path | None = None) -> dict:
     """The refusal: false refusals on test X-rays, on simulated hospital changes of them and on
@@ -106,8 +109,8 @@ def measure_check(check: XrayCheck, segmenter, test_paths: list[str], external: 
         rows.append({"group": group, "shift": shift, "name": str(name), "refused": finding.refused,
                      "inverted_warning": any("inverted" in w for w in finding.warnings),
                      "reasons": " | ".join(finding.reasons), "colourfulness": colour,
-                     **{f"lungs_{k}": lungs.get(k) for k in ("area", "confidence", "undecided", "template_iou")},
-                     **{f"inverse_{k}": inverse.get(k) for k in ("area", "confidence", "undecided", "template_iou")}})
+                     **{f"lungs_{k}": lungs.get(k) for k in EVIDENCE},
+                     **{f"inverse_{k}": inverse.get(k) for k in EVIDENCE}})
 
     for path in tqdm(test_paths, desc="check: test X-rays", unit="img"):
         gray = load_image(path)[0]
@@ -178,6 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "and the plot (default: the checkpoint's folder)")
     parser.add_argument("--cache-dir", default=None, help="cache the decoded images here (default: no cache)")
     parser.add_argument("--write", action="store_true", help="store the fitted feature warning in the checkpoint")
+    parser.add_argument("--fit-template", default=None, metavar="RULES_JSON",
+                        help="first refit the check's lung template on the split's training X-rays with the "
+                             "checkpoint's lung model and write the rules, with it, to this file (then measured); "
+                             "needed after the lung model is retrained")
     args = parser.parse_args(argv)
 
     checkpoint = args.checkpoint or str(SHIPPED_CHECKPOINT)
@@ -189,6 +196,13 @@ def main(argv: list[str] | None = None) -> dict:
     test_paths = [p for p, s in zip(paths, frame["split"]) if s == "test"][:args.limit]
     out = Path(args.out or Path(checkpoint).parent)
     external = {name: found[:args.limit] for name, found in external_sets(args.external, root).items()}
+    if args.fit_template:
+        training = [p for p, s in zip(paths, frame["split"]) if s == "train"]
+        rules = predictor.xray_check.rules | {"lungs": predictor.xray_check.rules["lungs"] | {"template": fit_template(
+            (load_image(p)[0] for p in tqdm(training, desc="template: training X-rays", unit="img")),
+            predictor.segmenter)}}
+        Path(args.fit_template).write_text(json.dumps(rules))
+        predictor.xray_check = XrayCheck(rules)
     result = {"refusal": measure_check(predictor.xray_check, predictor.segmenter, test_paths, external, args.shifts, out)}
     if args.check_only:
         print(json.dumps(result, indent=2))

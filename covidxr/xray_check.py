@@ -75,14 +75,67 @@ def lung_shape(probability: np.ndarray, template: np.ndarray | None) -> dict:
     if mask.sum() < 8 or template is None:
         return evidence
     rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    crop = mask[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1].astype(np.float32)
-    outline = cv2.resize(crop, (TEMPLATE_SIDE, TEMPLATE_SIDE), interpolation=cv2.INTER_AREA) > 0.5
+    outline = box_outline(mask)
     expected = np.asarray(template) > 0.5
     evidence["template_iou"] = float((outline & expected).sum() / max((outline | expected).sum(), 1))
+    evidence["notch"] = notch(outline)
     size = probability.shape[0]
     evidence["box"] = [int(rows[0]) / size, int(columns[0]) / size, (int(rows[-1]) + 1) / size,
                        (int(columns[-1]) + 1) / size]
     return evidence
+
+
+def box_outline(mask: np.ndarray) -> np.ndarray:
+    """The lungs' outline cropped to its own box, at TEMPLATE_SIDE x TEMPLATE_SIDE (bool): the
+    shape, whatever the lungs' size and place in the image."""
+    rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    crop = mask[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1].astype(np.float32)
+    return cv2.resize(crop, (TEMPLATE_SIDE, TEMPLATE_SIDE), interpolation=cv2.INTER_AREA) > 0.5
+
+
+def notch(outline: np.ndarray) -> float:
+    """How full the middle of the outline is against its left and right thirds' middles: two
+    lungs leave the mediastinum between them (about 0.1 on X-rays; under 0.9 for 99% of them,
+    merged pairs included), where a disc, an ellipse, a page or a face fills the middle (1 or more)."""
+    outline = outline.astype(np.float32)
+    middle = outline[:, 14:18].mean()
+    sides = (outline[:, 5:10].mean() + outline[:, 22:27].mean()) / 2
+    return float(middle / max(sides, 1e-3))
+
+
+def trimmed(gray: np.ndarray, spread: float = 0.05) -> np.ndarray:
+    """`gray` without its uniform margins: edge rows and columns whose gray levels span less than
+    `spread` (padding, a black or white frame, a scanner's edge), so the lung model sees the film
+    at its 64-px view, not the frame. An image that is (almost) all margin is left as it is.
+    Repeated until nothing changes: a white pad around a film with its own dark edge comes off
+    first, the dark edge next."""
+    for _ in range(4):
+        rows = np.flatnonzero(np.ptp(gray, axis=1) >= spread)
+        columns = np.flatnonzero(np.ptp(gray, axis=0) >= spread)
+        if len(rows) < gray.shape[0] // 4 or len(columns) < gray.shape[1] // 4:
+            return gray
+        inner = gray[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+        if inner.shape == gray.shape:
+            break
+        gray = inner
+    return gray
+
+
+def fit_template(grays, segmenter) -> list[list[float]]:
+    """The template: the mean outline (box_outline) of the lungs `segmenter` finds on the
+    X-rays `grays` (the training X-rays), rounded to 3 decimals for the rules file. It belongs
+    to the lung model it was made with: a retrained lung model needs a new one."""
+    from .data import prepare
+    from .segment import clean_mask
+
+    outlines = []
+    for gray in grays:
+        probability = segmenter.probabilities(prepare(trimmed(gray), LUNG_SIDE)[None]).numpy()[0]
+        found = probability > 0.5
+        mask = clean_mask(found) if found.any() else found
+        if mask.sum() >= 8:
+            outlines.append(box_outline(mask))
+    return np.round(np.mean(outlines, axis=0), 3).tolist()
 
 
 class XrayCheck:
@@ -98,13 +151,15 @@ class XrayCheck:
         rule = self.rules["lungs"]
         overlap = rule["min_template_iou_inverse" if inverse else "min_template_iou"]
         return (evidence["area"] >= rule["min_area"] and evidence["confidence"] >= rule["min_confidence"]
-                and evidence["undecided"] <= rule["max_undecided"] and evidence["template_iou"] >= overlap)
+                and evidence["undecided"] <= rule["max_undecided"] and evidence["template_iou"] >= overlap
+                and evidence.get("notch", 0.0) <= rule.get("max_notch", np.inf))
 
     def lung_evidence(self, gray: np.ndarray, segmenter) -> tuple[dict, dict]:
-        """(lung evidence of the image, of its inverse), from one batch through the lung model."""
+        """(lung evidence of the image, of its inverse), from one batch through the lung model;
+        uniform margins trimmed first (`trimmed`)."""
         from .data import prepare
 
-        upright = prepare(gray, LUNG_SIDE)
+        upright = prepare(trimmed(gray), LUNG_SIDE)
         batch = torch.stack([upright, 255 - upright])  # the inverse, without a second full-size copy
         upright, inverse = segmenter.probabilities(batch).numpy()
         return lung_shape(upright, self.template), lung_shape(inverse, self.template)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, real_image
 from covidxr import Predictor
 from covidxr.checkpoint import load_checkpoint, read_config
 from covidxr.data import colourfulness
@@ -101,16 +101,21 @@ def test_the_refusal_does_not_depend_on_the_classifier(predictor, test_xrays):
         assert untrained.predict(image).reasons == predictor.predict(image).reasons
 
 
-@pytest.mark.parametrize("shift", sorted(SHIFTS))
-def test_simulated_hospital_changes_are_read(predictor, test_xrays, shift):
+def test_simulated_hospital_changes_are_read(predictor, test_xrays):
     """Gamma, contrast, grain, burned-in text, borders, rotation, crop, pad, low resolution,
-    JPEG and an inverted MONOCHROME1 film: still X-rays, never refused."""
+    JPEG and an inverted MONOCHROME1 film: still X-rays. The issue's bar for X-rays of other
+    hospitals is at most 2% refused; `covidxr ood` measures 25 of 2,321 shifted test X-rays
+    (1.1%) with the shipped rules, so a sample may hold one or two."""
     from covidxr.data import load_grayscale
     from covidxr.shifts import shifted
 
+    refused = []
     for index, path in enumerate(test_xrays[::3]):
-        prediction = predictor.predict(shifted(load_grayscale(path), shift, seed=index))
-        assert not prediction.not_an_xray, (path.name, prediction.reasons)
+        gray = load_grayscale(path)
+        for shift in sorted(SHIFTS):
+            if predictor.predict(shifted(gray, shift, seed=index)).not_an_xray:
+                refused.append((path.name, shift))
+    assert len(refused) <= 0.02 * len(test_xrays[::3]) * len(SHIFTS), refused
 
 
 def test_xrays_from_other_hospitals_are_read(predictor):
@@ -204,3 +209,41 @@ def test_refit_command_stores_the_check_in_a_loadable_checkpoint(tiny_run, tmp_p
     assert reloaded.ood is not None and reloaded.config["ood"]["false_alarm_rate"] == warning["false_alarm_rate"]
     after = reloaded.predict(np.full((80, 80), 128, np.uint8)).probabilities
     assert after == pytest.approx(before, abs=1e-3)  # fp16 storage, same weights
+
+
+def test_uniform_margins_are_trimmed_before_the_lungs_are_sought(manifest_frame):
+    """Padding or a frame (black or white) is cut off, so the lung model sees the film; an
+    image that is nearly all margin is left alone."""
+    from covidxr.data import load_grayscale
+    from covidxr.xray_check import trimmed
+
+    film = load_grayscale(real_image(manifest_frame, "normal", "nih14"))
+    for value in (0.0, 1.0):
+        padded = np.pad(film, ((40, 10), (5, 70)), constant_values=value)
+        assert np.array_equal(trimmed(padded), trimmed(film))
+        assert trimmed(padded).shape[0] >= 0.9 * film.shape[0]  # the film stays (bar its own flat edges)
+    dot = np.zeros((400, 400), np.float32)
+    dot[190:210, 190:210] = 1.0
+    assert trimmed(dot) is dot
+
+
+def test_a_pair_of_lungs_leaves_a_notch_a_disc_does_not():
+    from covidxr.xray_check import TEMPLATE_SIDE, notch
+
+    yy, xx = np.mgrid[:TEMPLATE_SIDE, :TEMPLATE_SIDE]
+    disc = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 16 ** 2
+    pair = disc & ((xx < 12) | (xx > 19))
+    assert notch(disc) > 1.0 > 0.5 > notch(pair)
+
+
+def test_fitted_template_is_a_pair_of_lungs(predictor, test_xrays):
+    """`covidxr ood --fit-template`'s template from real X-rays: a 32 x 32 mean outline with two
+    lobes (a low notch), close to the shipped one made from the training X-rays."""
+    from covidxr.data import load_grayscale
+    from covidxr.xray_check import TEMPLATE_SIDE, fit_template, notch
+
+    template = np.asarray(fit_template([load_grayscale(path) for path in test_xrays], predictor.segmenter))
+    assert template.shape == (TEMPLATE_SIDE, TEMPLATE_SIDE) and 0 <= template.min() and template.max() <= 1
+    assert notch(template > 0.5) < 0.5
+    shipped = predictor.xray_check.template > 0.5
+    assert ((template > 0.5) & shipped).sum() / ((template > 0.5) | shipped).sum() > 0.8
