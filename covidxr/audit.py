@@ -25,12 +25,12 @@ initialised network of the same architecture and reports their Spearman rank cor
 the trained model's maps; near 0 means the maps depend on the weights, near 1 that they would
 look the same whatever the model had learned (an edge detector, not an explanation).
 
-The app's lungs-outside notice ("most of the evidence lies outside the lungs") needs a threshold
-that means something for the model at hand: `--store-notice` measures the lung focus of the
-checkpoint's maps on its correctly classified validation X-rays (the split's val rows; the test
-rows stay unseen) and stores their 10th percentile in the checkpoint's description
-("lung_focus_notice"), so the notice marks the maps less on the lungs than nine in ten of the
-model's correct answers. It writes only into a checkpoint named on the command line:
+The app's lungs-outside notice fires when a map's lung focus is no better than chance: no more
+than a map spread evenly over what the network read would put on the lungs (report.py).
+`--store-notice` measures how often it fires on the checkpoint's validation X-rays (the split's
+val rows; the test rows stay unseen), and how often the former rule (the 10th percentile of lung
+focus on the correctly classified ones) would, and stores both in the checkpoint's description
+("lung_focus_notice"). It writes only into a checkpoint named on the command line:
 
     covidxr audit --checkpoint runs/x/model.safetensors --store-notice
 """
@@ -57,8 +57,10 @@ from .evaluate import add_split_options, rows_to_score, split_file_for
 from .framing import dilate, uses_lungs
 from .model import build_model
 from .predictor import SHIPPED_CHECKPOINT, Predictor
+from .report import notice_fires
 
-# The notice marks maps less on the lungs than this share of correctly classified test X-rays.
+# The former notice rule, reported beside the chance rule: lung focus under this percentile of
+# the correctly classified X-rays' lung focus.
 NOTICE_PERCENTILE = 10.0
 # Occlusion check: lungs dilated by this share of the image's longer side before blanking, so
 # the lung edges (where Grad-CAM spills) count as lung.
@@ -79,22 +81,31 @@ def audit_frame(predictor: Predictor, frame: pd.DataFrame, method: str = "gradca
                      "correct": ("yes" if label == row.target else "no") if row.target else "no class",
                      "source_dataset": row.source_dataset, "age_group": row.age_group,
                      "lung_focus": explanation.lung_focus, "border_share": explanation.border_share,
-                     "top_share": explanation.top_share, "lung_area": float(explanation.lung_mask.mean())})
+                     "top_share": explanation.top_share, "chance_focus": explanation.chance_focus,
+                     "lung_area": float(explanation.lung_mask.mean())})
     return pd.DataFrame(rows)
 
 
 def notice_rule(table: pd.DataFrame, method: str, percentile: float = NOTICE_PERCENTILE) -> dict:
-    """The lungs-outside notice's rule from an audit table (`audit_frame`): its threshold is the
-    `percentile`th percentile of lung focus over the correctly classified X-rays, with how often
-    the notice then fires on those and on all the table's X-rays."""
+    """The lungs-outside notice's rule (report.notice_fires: lung focus at or under chance) with
+    how often it fires on an audit table's (`audit_frame`) correctly classified X-rays and on all
+    of them; and the same for the former rule, a threshold at the `percentile`th percentile of
+    lung focus over the correctly classified X-rays, for comparison."""
     correct = table[table["correct"] == "yes"]
     if correct.empty:
-        raise ValueError("no correctly classified X-rays to set the lungs-outside notice from")
+        raise ValueError("no correctly classified X-rays to measure the lungs-outside notice on")
+
+    def fires(rows: pd.DataFrame) -> pd.Series:
+        return pd.Series([notice_fires(f, c) for f, c in zip(rows["lung_focus"], rows["chance_focus"])],
+                         index=rows.index, dtype=bool)
+
     threshold = float(np.percentile(correct["lung_focus"], percentile))
-    return {"threshold": threshold, "percentile": percentile, "method": method, "target": "predicted class",
-            "images": int(len(correct)),
-            "fires_on_correct": float((correct["lung_focus"] < threshold).mean()),
-            "fires_on_all": float((table["lung_focus"] < threshold).mean()), "all_images": int(len(table))}
+    return {"rule": "chance", "method": method, "target": "predicted class", "images": int(len(correct)),
+            "fires_on_correct": float(fires(correct).mean()), "fires_on_all": float(fires(table).mean()),
+            "all_images": int(len(table)),
+            "former_percentile_rule": {"percentile": percentile, "threshold": threshold,
+                                       "fires_on_correct": float((correct["lung_focus"] < threshold).mean()),
+                                       "fires_on_all": float((table["lung_focus"] < threshold).mean())}}
 
 
 def hand_drawn_focus(predictor: Predictor, frame: pd.DataFrame, method: str = "gradcam", target: str = "covid",
@@ -294,10 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--occlusion", action="store_true",
                         help="only the occlusion check: COVID AUROC with the lungs blanked and with all but them blanked")
     parser.add_argument("--store-notice", action="store_true",
-                        help="only set the app's lungs-outside notice: the 10th percentile of lung focus on the "
-                             "correctly classified X-rays of --split (default: val, never test unless asked) of "
-                             "the split file, stored in the description of --checkpoint (required: the packaged "
-                             "weights are not rewritten by default)")
+                        help="only measure how often the app's lungs-outside notice fires on the X-rays of "
+                             "--split (default: val, never test unless asked) of the split file, and store it in "
+                             "the description of --checkpoint (required: the packaged weights are not rewritten "
+                             "by default)")
     args = parser.parse_args(argv)
     if args.store_notice:
         if not args.checkpoint:

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="covidxr predict", description=__doc__.split("\n\n")[1].split(".")[0] + ".")
     parser.add_argument("paths", nargs="+", help="files or folders")
     parser.add_argument("--recursive", action="store_true", help="also look in sub-folders")
-    parser.add_argument("--csv", type=Path, help="write file, label, every probability, lung_focus, notice, "
+    parser.add_argument("--csv", type=Path, help="write file, label, every probability, lung_focus, chance_focus, notice, "
                         "warning, error (a refused input's label is 'not a frontal chest X-ray', never a class)")
     parser.add_argument("--cam-dir", type=Path, help="also save a heatmap overlay PNG per image here, captioned "
                         "with the class, method and probability it shows and the colour scale")
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor.load(args.checkpoint)
     if args.cam_target not in (PREDICTED, *predictor.classes):
         parser.error(f"--cam-target: choose {PREDICTED} or one of {', '.join(predictor.classes)}")
-    columns = ["file", "label", *[f"p_{c}" for c in predictor.classes], "lung_focus", "notice", "warning", "error"]
+    columns = ["file", "label", *[f"p_{c}" for c in predictor.classes], "lung_focus", "chance_focus", "notice",
+               "warning", "error"]
     try:
         results = Results(columns, args.csv)
     except OSError as error:

@@ -55,7 +55,7 @@ class Description(TypedDict, total=False):
     metrics: dict  # the headline test numbers (evaluate.summarise), measured under `decision` and
     #                `calibration` as they were then; see `stale`
     ood: dict  # the not-a-chest-X-ray check (ood.py): its statistics' description and thresholds
-    lung_focus_notice: dict  # the app's lungs-outside notice: threshold, percentile, split it was tuned on
+    lung_focus_notice: dict  # the lungs-outside notice: its rule (chance), how often it fires, the split measured on
     stale: dict[str, str]  # measured fields whose inputs changed since they were measured: field -> why.
     #                        A stale field is history, not a description of the model as it decides now.
 

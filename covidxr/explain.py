@@ -6,6 +6,7 @@
     explanation.heatmap   # float32 (H, W) in [0, 1], the input's own height and width
     explanation.overlay   # RGB PIL image: the X-ray with the heatmap blended on it
     explanation.lung_focus   # share of the heatmap's mass on the lungs (segment.py), in [0, 1]
+    explanation.chance_focus # the same share for a map spread evenly over what the network read
     predictor.explain("xray.png", max_side=640)  # image, heatmap, overlay at most 640 px a side
 
 One forward pass gives both the prediction and the map: the CAM target object decides the
@@ -98,13 +99,26 @@ class Explanation:
     def _shares(self) -> dict[str, float]:
         from .segment import evidence_shares
 
-        return {} if self.lung_mask is None else evidence_shares(self.heatmap, self.lung_mask)
+        if self.lung_mask is None:
+            return {}
+        # What the network read: the whole image, or the lungs' box it was cropped to.
+        cropped = self.framing is not None and self.framing.box != (0, 0, *self.framing.shape)
+        read = np.ones(self.lung_mask.shape, bool) if not cropped else \
+            to_image_frame(np.ones((2, 2), np.float32), self.framing, self.lung_mask.shape) > 0
+        return evidence_shares(self.heatmap, self.lung_mask) | {
+            "chance_focus": float(self.lung_mask[read].mean()), "cropped": cropped}
 
     # Where the evidence lies (None without a lung model): shares of the heatmap's mass on the
     # lungs, on the image border and on the top strip (segment.evidence_shares).
     @property
     def lung_focus(self) -> float | None:
         return self._shares.get("lung_focus")
+
+    @property
+    def chance_focus(self) -> float | None:
+        """The lung focus of a map spread evenly over what the network read (the image, or the
+        lungs' box of a lung-reading model): a map no better than this says nothing of the lungs."""
+        return self._shares.get("chance_focus")
 
     @property
     def border_share(self) -> float | None:

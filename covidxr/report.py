@@ -25,8 +25,11 @@ NOT_AN_XRAY = "not a frontal chest X-ray"  # the label shown for a refused input
 NOT_AN_XRAY_HEADLINE = "This does not look like a frontal chest X-ray"
 NO_RESULT = "no result"  # the label shown for an input that could not be read
 ERROR_HEADLINE = "No result: this file could not be analysed"
-# Checkpoints that do not carry their own measured threshold (audit.py --store-notice) get this one.
-DEFAULT_NOTICE = {"threshold": 0.25, "method": "gradcam"}
+# The lungs-outside notice fires when the map of the decided class (by this method) puts no more
+# of its mass on the lungs than a map spread evenly over what the network read would: its lung
+# focus is at or under chance (the lungs' share of the image, or of the lungs' box a lung-reading
+# model reads). A checkpoint's stored rule (audit.py --store-notice) adds how often it fires.
+DEFAULT_NOTICE = {"rule": "chance", "method": "gradcam"}
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM",
                  "xgradcam": "XGrad-CAM", "layercam": "LayerCAM", "eigencam": "Eigen-CAM",
                  "scorecam": "Score-CAM (slow)"}
@@ -51,6 +54,7 @@ class Verdict:
     method_words: str = ""
     # Where the heatmap's evidence lies (segment.evidence_shares); None without lungs to score.
     lung_focus: float | None = None
+    chance_focus: float | None = None  # the lung focus of a map spread evenly over what the network read
     border_share: float | None = None
     top_share: float | None = None
     notice: str = ""  # the lungs-outside notice, when it fires
@@ -81,8 +85,14 @@ def decision_rule(decision: Mapping | None) -> str:
 
 
 def notice_rule(config: Mapping) -> Mapping:
-    """The lungs-outside notice's rule: the checkpoint's own (audit.py --store-notice), else the default."""
-    return config.get("lung_focus_notice") or DEFAULT_NOTICE
+    """The lungs-outside notice's rule: the checkpoint's own (audit.py --store-notice), else the
+    default. A rule stored before the chance rule (a percentile threshold of lung focus) is read
+    as the chance rule for its method: a threshold of one model's own maps said nothing about
+    the lungs."""
+    stored = config.get("lung_focus_notice")
+    if not stored or stored.get("rule") != "chance":
+        return DEFAULT_NOTICE | ({"method": stored["method"]} if stored and "method" in stored else {})
+    return stored
 
 
 def method_in_words(method: str, same: Mapping[str, Sequence[str]]) -> str:
@@ -125,15 +135,21 @@ def verdict(decided: str, probabilities: Mapping[str, float], *, warnings: Seque
     focus = shares.get("lung_focus")
     same_map = target == decided and method is not None and (
         method == rule["method"] or method in same.get(rule["method"], ()))
-    if focus is not None and same_map and focus < rule["threshold"]:
-        measured = (f"lower than on {100 - rule['percentile']:.0f}% of this model's correctly classified "
-                    f"{rule.get('split', 'test')} X-rays" if "percentile" in rule else "the app's default threshold")
-        text = (f"Much of the evidence lies outside the lungs (under {rule['threshold']:.1%}: {measured}). "
-                "The model may be reading something other than lung disease here (a marker, a border, a device, "
-                "the patient's build): give this prediction less weight.")
+    chance = shares.get("chance_focus")
+    if focus is not None and chance is not None and same_map and notice_fires(focus, chance):
+        region = "lungs' box" if shares.get("cropped") else "image"
+        text = (f"The evidence is not on the lungs. This map puts {focus:.0%} of its mass on the lungs, no more "
+                f"than the {chance:.0%} a map spread evenly over the {region} would. The model may be reading "
+                "something other than lung disease here (a marker, a border, a "
+                "device, the patient's build): give this prediction less weight.")
     return Verdict(RESULT, decided, probabilities, decision_rule(decision), why, tuple(warnings),
-                   lung_focus=focus, border_share=shares.get("border_share"), top_share=shares.get("top_share"),
-                   notice=text, **heatmap)
+                   lung_focus=focus, chance_focus=chance, border_share=shares.get("border_share"),
+                   top_share=shares.get("top_share"), notice=text, **heatmap)
+
+
+def notice_fires(lung_focus: float, chance_focus: float) -> bool:
+    """The lungs-outside notice's rule: lung focus no better than an even spread."""
+    return lung_focus <= chance_focus
 
 
 def failure(message: str) -> Verdict:
@@ -166,7 +182,8 @@ def markdown(v: Verdict) -> str:
         if v.explained_other_class:
             text += f" You are looking at the evidence for {v.target}, not for the prediction."
     if v.lung_focus is not None:
-        text += (f"\n\n**Lung focus {v.lung_focus:.0%}**: share of the heatmap on the lungs "
+        chance = f" (an even spread: {v.chance_focus:.0%})" if v.chance_focus is not None else ""
+        text += (f"\n\n**Lung focus {v.lung_focus:.0%}**{chance}: share of the heatmap on the lungs "
                  f"(white outline); {v.border_share:.0%} lies on the image border and "
                  f"{v.top_share:.0%} on the top strip where text markers sit.")
     if v.notice:
@@ -186,11 +203,12 @@ def label_output(v: Verdict) -> dict:
 
 def csv_fields(v: Verdict, classes: Sequence[str]) -> dict[str, str]:
     """A CSV row's fields: label (the shown label: a class only for a result), every
-    probability, lung focus, the lungs-outside notice, warnings (for a refusal, its reasons
+    probability, lung focus and its chance level, the lungs-outside notice, warnings (for a refusal, its reasons
     first) and the error."""
     return {"label": v.shown_label if v.status != ERROR else "",
             **{f"p_{c}": f"{v.probabilities[c]:.4f}" if c in v.probabilities else "" for c in classes},
             "lung_focus": "" if v.lung_focus is None else f"{v.lung_focus:.3f}",
+            "chance_focus": "" if v.chance_focus is None else f"{v.chance_focus:.3f}",
             "notice": v.notice,
             "warning": "; ".join([*v.reasons, *v.warnings]),
             "error": v.error}
@@ -211,7 +229,8 @@ def caption(v: Verdict) -> str:
     else:
         text += ": the prediction"
     if v.lung_focus is not None:
-        text += f"; lung focus {v.lung_focus:.0%}"
+        text += f"; lung focus {v.lung_focus:.0%}" + (f" (even spread {v.chance_focus:.0%})"
+                                                      if v.chance_focus is not None else "")
     if v.notice:
         text += "; much of the evidence lies outside the lungs"
     if v.warnings:

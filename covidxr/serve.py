@@ -166,17 +166,14 @@ def notice_facts(config: dict) -> str:
     """The notice's rule in words, for the About panel."""
     rule = notice_rule(config)
     method = METHOD_LABELS.get(rule["method"], rule["method"])
-    text = (f"**Lungs-outside notice** shown when the {method} map of the predicted class puts less than "
-            f"{rule['threshold']:.1%} of its mass on the lungs (lung focus)")
-    if "percentile" in rule:
-        return (text + f": the {rule['percentile']:.0f}th percentile of lung focus on the {rule['images']} "
-                f"correctly classified {rule.get('split', 'test')} X-rays, so it marks about one correct answer "
-                f"in {round(100 / rule['percentile'])} ({rule['fires_on_correct']:.0%} of them; "
-                f"{rule['fires_on_all']:.0%} of all {rule['all_images']}).")
-    return text + (": a default, as this checkpoint carries no threshold measured on its own test X-rays "
-                   "(`python -m covidxr.audit --store-notice` measures one).")
-
-
+    text = (f"**Lungs-outside notice** shown when the {method} map of the predicted class puts no more of its "
+            "mass on the lungs (lung focus) than a map spread evenly over what the network read would (the "
+            "lungs' share of the image, or of the lungs' box for a model that reads only that box)")
+    if "fires_on_all" in rule:
+        return (text + f": it fires on {rule['fires_on_all']:.0%} of this model's {rule['all_images']} "
+                f"{rule.get('split', 'val')} X-rays ({rule['fires_on_correct']:.0%} of the {rule['images']} "
+                "it classifies correctly).")
+    return text + "."
 
 
 class XrayApp:

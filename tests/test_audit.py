@@ -52,9 +52,10 @@ def test_randomised_weights_change_the_maps(manifest_frame, predictor):
 
 
 @pytest.mark.slow
-def test_store_notice_sets_the_threshold_from_correct_validation_xrays(tmp_path):
-    """`--store-notice`: the 10th percentile of lung focus on the correctly classified val rows,
-    written into the checkpoint's description; the weights stay as they were; the app reads it."""
+def test_store_notice_measures_the_chance_rule_on_validation_xrays(tmp_path):
+    """`--store-notice`: how often the chance rule fires on the val rows (and the former
+    percentile rule, for comparison), written into the checkpoint's description; the weights stay
+    as they were; the app reads it."""
     import shutil
 
     import torch
@@ -71,16 +72,21 @@ def test_store_notice_sets_the_threshold_from_correct_validation_xrays(tmp_path)
     table = result["table"]
     split = pd.read_csv(SHIPPED_SPLIT)
     assert set(table["filename"]) <= set(split.loc[split["split"] == "val", "filename"]) and len(table) == 12
-    correct = table.loc[table["correct"] == "yes", "lung_focus"]
+    assert ((table["chance_focus"] > 0) & (table["chance_focus"] < 1)).all()
+    correct = table[table["correct"] == "yes"]
     stored = read_config(checkpoint)["lung_focus_notice"]
     assert stored == result["notice"] and stored["split"] == "val" and stored["images"] == len(correct) > 0
-    assert stored["threshold"] == pytest.approx(np.percentile(correct, 10))
-    assert stored["fires_on_correct"] == pytest.approx((correct < stored["threshold"]).mean())
+    assert stored["rule"] == "chance"
+    assert stored["fires_on_all"] == pytest.approx((table["lung_focus"] <= table["chance_focus"]).mean())
+    assert stored["fires_on_correct"] == pytest.approx((correct["lung_focus"] <= correct["chance_focus"]).mean())
+    former = stored["former_percentile_rule"]
+    assert former["threshold"] == pytest.approx(np.percentile(correct["lung_focus"], 10))
+    assert former["fires_on_correct"] == pytest.approx((correct["lung_focus"] < former["threshold"]).mean())
     before, _ = load_checkpoint(SHIPPED_CHECKPOINT)
     after, config = load_checkpoint(checkpoint)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert notice_rule(config) == stored
-    assert f"{stored['threshold']:.1%}" in notice_facts(config) and "correctly classified val X-rays" in notice_facts(config)
+    assert f"of this model's 12 val X-rays" in notice_facts(config)
 
 
 def test_occluded_views_blank_one_side_of_the_dilated_lungs():

@@ -120,8 +120,8 @@ def test_recursive_and_heatmaps(folder, tmp_path):
         Image.open(cams / "b_hirescam.png").size
     assert captioned_width == width and captioned_height > height
     table = pd.read_csv(tmp_path / "all.csv", dtype=str, keep_default_na=False)
-    assert list(table.columns) == ["file", "label", "p_covid", "p_normal", "p_pneumonia", "lung_focus", "notice",
-                                   "warning", "error"]
+    assert list(table.columns) == ["file", "label", "p_covid", "p_normal", "p_pneumonia", "lung_focus", "chance_focus",
+                                   "notice", "warning", "error"]
     assert table["lung_focus"].astype(float).between(0, 1).all()
 
 
@@ -175,8 +175,8 @@ def test_module_entry_point_runs(folder):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     header, line = result.stdout.splitlines()
-    assert header.split("\t") == ["file", "label", "p_covid", "p_normal", "p_pneumonia", "lung_focus", "notice",
-                                  "warning", "error"]
+    assert header.split("\t") == ["file", "label", "p_covid", "p_normal", "p_pneumonia", "lung_focus", "chance_focus",
+                                  "notice", "warning", "error"]
     assert line.startswith(str(folder / "a.jpeg"))
 
 

@@ -30,20 +30,38 @@ def test_a_threshold_decision_says_why_it_is_not_the_top_class():
 
 
 def test_the_notice_fires_only_on_the_map_it_was_measured_on():
-    low = {"lung_focus": 0.1, "border_share": 0.5, "top_share": 0.3}
-    rule = {"threshold": 0.3, "method": "gradcam", "percentile": 10.0, "split": "val"}
+    low = {"lung_focus": 0.1, "chance_focus": 0.3, "border_share": 0.5, "top_share": 0.3}
+    rule = {"rule": "chance", "method": "gradcam"}
     same = {"gradcam": ("hirescam", "xgradcam")}
     fires = report.verdict("normal", PROBABILITIES, target="normal", method="xgradcam", shares=low, notice=rule,
                            same_methods=same)
-    assert fires.notice.startswith("Much of the evidence lies outside the lungs (under 30.0%: lower than on 90%")
-    assert "**Much of the evidence lies outside the lungs" in report.markdown(fires)
+    assert fires.notice.startswith("The evidence is not on the lungs. This map puts 10% of its mass on the lungs, "
+                                   "no more than the 30% a map spread evenly over the image would.")
+    assert "**The evidence is not on the lungs.**" in report.markdown(fires)
+    assert "(an even spread: 30%)" in report.markdown(fires) and report.csv_fields(fires, [])["chance_focus"] == "0.300"
     for target, method in (("covid", "gradcam"), ("normal", "gradcam++")):
         assert not report.verdict("normal", PROBABILITIES, target=target, method=method, shares=low,
                                   notice=rule, same_methods=same).notice
+    # Better than an even spread: no notice, however low the focus; a crop's chance names the box.
+    assert not report.verdict("normal", PROBABILITIES, target="normal", method="gradcam", notice=rule,
+                              shares=dict(low, chance_focus=0.09)).notice
+    cropped = report.verdict("normal", PROBABILITIES, target="normal", method="gradcam", notice=rule,
+                             shares=dict(low, lung_focus=0.5, chance_focus=0.55, cropped=True))
+    assert "than the 55% a map spread evenly over the lungs' box would" in cropped.notice
     # An X-ray read with a warning gets no lung focus or notice: its "lungs" may be none.
     warned = report.verdict("normal", PROBABILITIES, warnings=["No lungs were found"], target="normal",
                             method="gradcam", shares=low, notice=rule)
     assert warned.lung_focus is None and not warned.notice and "Check the input.** No lungs" in report.markdown(warned)
+
+
+def test_a_stored_percentile_rule_is_read_as_the_chance_rule():
+    """Checkpoints from before the chance rule carry a threshold at a percentile of their own
+    maps' lung focus: the notice follows the chance rule for them, with their method."""
+    former = {"threshold": 0.3, "percentile": 10.0, "method": "hirescam", "split": "val"}
+    assert report.notice_rule({"lung_focus_notice": former}) == {"rule": "chance", "method": "hirescam"}
+    assert report.notice_rule({}) == report.DEFAULT_NOTICE == {"rule": "chance", "method": "gradcam"}
+    stored = {"rule": "chance", "method": "gradcam", "fires_on_all": 0.2}
+    assert report.notice_rule({"lung_focus_notice": stored}) == stored
 
 
 def test_a_refusal_names_no_class_anywhere():
@@ -67,7 +85,7 @@ def test_an_error_is_a_verdict_too():
     assert report.markdown(v) == f"### {report.ERROR_HEADLINE}\nnotes.png: not an image we can read"
     assert report.label_output(v) == {"label": report.NO_RESULT, "confidences": []}
     row = report.csv_fields(v, ["covid"])
-    assert row == {"label": "", "p_covid": "", "lung_focus": "", "notice": "", "warning": "",
+    assert row == {"label": "", "p_covid": "", "lung_focus": "", "chance_focus": "", "notice": "", "warning": "",
                    "error": "notes.png: not an image we can read"}
     # A file name is text, not markup.
     assert "\\*" in report.markdown(report.failure("a*b_c.png: empty"))
@@ -75,11 +93,11 @@ def test_an_error_is_a_verdict_too():
 
 def test_csv_fields_and_caption_of_a_result():
     v = report.verdict("normal", PROBABILITIES, target="covid", method="gradcam",
-                       shares={"lung_focus": 0.42, "border_share": 0.1, "top_share": 0.1})
+                       shares={"lung_focus": 0.42, "chance_focus": 0.3, "border_share": 0.1, "top_share": 0.1})
     row = report.csv_fields(v, ["covid", "normal", "pneumonia"])
     assert row == {"label": "normal", "p_covid": "0.2000", "p_normal": "0.7000", "p_pneumonia": "0.1000",
-                   "lung_focus": "0.420", "notice": "", "warning": "", "error": ""}
-    assert report.caption(v) == "Grad-CAM evidence for covid (p = 0.20); prediction: normal (p = 0.70); lung focus 42%"
+                   "lung_focus": "0.420", "chance_focus": "0.300", "notice": "", "warning": "", "error": ""}
+    assert report.caption(v) == "Grad-CAM evidence for covid (p = 0.20); prediction: normal (p = 0.70); lung focus 42% (even spread 30%)"
     assert report.caption(report.verdict("normal", PROBABILITIES, target="normal", method="eigencam")) == \
         "Eigen-CAM evidence for normal (p = 0.70): the prediction"
 
