@@ -74,13 +74,24 @@ def _tiny_checkpoint(tmp_path, **fields):
     return save_checkpoint(tmp_path / "m.safetensors", build_model("cxrnet", 2), config)
 
 
-def test_the_description_is_versioned_and_old_checkpoints_still_load():
+def test_the_description_is_versioned_and_old_checkpoints_still_load(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from covidxr.checkpoint import FORMAT, READABLE_FORMATS
 
-    # The shipped weights were written as covidxr-checkpoint/1: still read, still predicted with.
-    assert read_config(SHIPPED_CHECKPOINT)["format"] == "covidxr-checkpoint/1" in READABLE_FORMATS
-    assert Predictor.load(SHIPPED_CHECKPOINT).classes == ["covid", "normal", "pneumonia"]
-    assert FORMAT == "covidxr-checkpoint/2"
+    # The shipped weights were written as covidxr-checkpoint/1 until their notice was measured
+    # again: a /1 file is still read, and still predicted with.
+    with safe_open(str(SHIPPED_CHECKPOINT), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        config = json.loads(handle.metadata()["covidxr"])
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"covidxr": json.dumps(config | {"format": "covidxr-checkpoint/1"})})
+    assert read_config(old)["format"] == "covidxr-checkpoint/1" in READABLE_FORMATS
+    assert Predictor.load(old).classes == ["covid", "normal", "pneumonia"]
+    assert FORMAT == "covidxr-checkpoint/2" == read_config(SHIPPED_CHECKPOINT)["format"]
 
 
 def test_new_fields_are_accepted_and_wrong_types_refused(tmp_path):
