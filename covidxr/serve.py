@@ -256,11 +256,14 @@ class XrayApp:
         always the most probable class) with the probabilities by class; for an input the check
         calls no chest X-ray, it is the refusal, with no class name (the summary then gives the
         probabilities as detail)."""
-        label, original, overlay_image, summary, _ = self.analyse_and_keep(file, method, explain_class, opacity)
+        # No map kept: the API never re-blends, and its calls would push page visitors' maps out
+        # of the shared table (MOST_KEPT) and hold up to 48 of them in memory for KEPT_FOR_S.
+        label, original, overlay_image, summary, _ = self.analyse_and_keep(file, method, explain_class, opacity,
+                                                                           keep=False)
         return label, original, overlay_image, summary
 
     def analyse_and_keep(self, file, method: str = "gradcam", explain_class: str = PREDICTED,
-                         opacity: float = 0.4):
+                         opacity: float = 0.4, *, keep: bool = True):
         """`analyse`'s four outputs, and the key of what is kept for re-blending (sessions.py).
         What is said is the analysis's verdict (report.py), as everywhere else. The label always
         goes out as a plain value, never as a component update: Gradio postprocesses an update
@@ -294,7 +297,7 @@ class XrayApp:
         result = (label_data(verdict), Image.fromarray(shown.image), shown.overlay(float(opacity)),
                   report.markdown(verdict))
         stop_if_cancelled()
-        return (*result, self.kept.keep(shown))
+        return (*result, self.kept.keep(shown) if keep else None)
 
     def show(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
         """The page's handler: `analyse_and_keep`, except that a file which cannot be analysed
