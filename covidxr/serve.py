@@ -37,7 +37,10 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio import processing_utils
 from gradio.components.label import LabelConfidence, LabelData
+from gradio.data_classes import ListFiles
+from gradio.utils import NamedString
 from PIL import Image
 from starlette.middleware import Middleware
 
@@ -250,11 +253,14 @@ class XrayApp:
         always the most probable class) with the probabilities by class; for an input the check
         calls no chest X-ray, it is the refusal, with no class name (the summary then gives the
         probabilities as detail)."""
-        label, original, overlay_image, summary, _ = self.analyse_and_keep(file, method, explain_class, opacity)
+        # No map kept: the API never re-blends, and its calls would push page visitors' maps out
+        # of the shared table (MOST_KEPT) and hold up to 48 of them in memory for KEPT_FOR_S.
+        label, original, overlay_image, summary, _ = self.analyse_and_keep(file, method, explain_class, opacity,
+                                                                           keep=False)
         return label, original, overlay_image, summary
 
     def analyse_and_keep(self, file, method: str = "gradcam", explain_class: str = PREDICTED,
-                         opacity: float = 0.4):
+                         opacity: float = 0.4, *, keep: bool = True):
         """`analyse`'s four outputs, and the key of what is kept for re-blending (sessions.py).
         What is said is the analysis's verdict (report.py), as everywhere else. The label always
         goes out as a plain value, never as a component update: Gradio postprocesses an update
@@ -288,7 +294,7 @@ class XrayApp:
         result = (label_data(verdict), Image.fromarray(shown.image), shown.overlay(float(opacity)),
                   report.markdown(verdict))
         stop_if_cancelled()
-        return (*result, self.kept.keep(shown))
+        return (*result, self.kept.keep(shown) if keep else None)
 
     def show(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
         """The page's handler: `analyse_and_keep`, except that a file which cannot be analysed
@@ -376,6 +382,7 @@ class XrayApp:
                 with gr.Column(scale=1, min_width=300):
                     upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", file_count="single", elem_id="upload",
                                      height=140)
+                    upload.preprocess = _upload_path  # no empty temp file per analysis (_upload_path)
                     if self.examples:
                         examples = gr.Dataset(
                             components=[gr.Image(visible=False), gr.HTML(visible=False)],
@@ -410,6 +417,8 @@ class XrayApp:
                         with gr.Column(min_width=160):
                             overlay_image = gr.Image(label="Heatmap overlay", type="pil", format="jpeg", height=380,
                                                      elem_id="overlay")
+                            for image in (original, overlay_image):  # never rewritten while served (_saved_once)
+                                image.postprocess = _saved_once(image)
                             gr.HTML(LEGEND_HTML, elem_id="legend")
             with gr.Accordion("About this model", open=False):
                 gr.Markdown("\n\n".join([model_facts(config), notice_facts(config), method_facts(config)]))
@@ -472,6 +481,47 @@ def _decided_as_is(postprocess):
     def keep_decided(value):
         return value if isinstance(value, LabelData) else postprocess(value)
     return keep_decided
+
+
+def _upload_path(payload):
+    """The upload's path, as gr.File(type="filepath") hands it to a handler, without the empty
+    temp file Gradio 6.31 also creates in the app's temp folder each time it does (File.
+    _process_single_file opens a NamedTemporaryFile(delete=False) and never uses it): two per
+    analysis (the validator's preprocessing and the handler's), 1,224 empty files after 600."""
+    if payload is None:
+        return None
+    if isinstance(payload, ListFiles):
+        payload = payload[0]
+    return NamedString(payload.path)
+
+
+def _saved_once(component):
+    """gr.Image's postprocess, with a PIL image first saved where Gradio would save it (a folder
+    named by the hash of its encoded bytes, in the app's temp folder), but written under a
+    temporary name and renamed into place, and not written at all when it is already there.
+    Gradio 6.31 rewrites the file in place (`Path.write_bytes`) each time the same image comes
+    back: two users analysing the same X-ray (an example), or one changing the method (the
+    input image is the same), truncated a download of that file in progress ("peer closed
+    connection": 9 of 300 /predict calls from 4 threads with the same X-ray)."""
+    postprocess = component.postprocess
+
+    def save_then_postprocess(value):
+        # (Other modes go to Gradio as they are: it falls back to PNG where JPEG cannot hold them.)
+        if isinstance(value, Image.Image) and value.mode in ("L", "RGB"):
+            data = processing_utils.encode_pil_to_bytes(value, component.format)
+            folder = Path(component.GRADIO_CACHE) / processing_utils.hash_bytes(data)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"image.{component.format}"
+            if path.exists():  # the same bytes (same hash): touched, so the hourly clean-up keeps it
+                os.utime(path)
+            else:
+                staged = tempfile.NamedTemporaryFile(dir=folder, prefix=".image.", delete=False)
+                with staged:
+                    staged.write(data)
+                os.replace(staged.name, path)
+            value = str(path.resolve())
+        return postprocess(value)
+    return save_then_postprocess
 
 
 def _quoted(value) -> str:

@@ -130,6 +130,18 @@ def test_an_unusual_xray_keeps_its_prediction_with_the_warning(xray_app, manifes
     assert NO_LUNGS_WARNING in summary and "Lung focus" not in summary
 
 
+def test_the_api_keeps_no_map(xray_app, manifest_frame):
+    """/predict never re-blends: it keeps nothing that would hold memory for KEPT_FOR_S and push
+    page visitors' maps out of the shared table; the page's analyses still keep theirs."""
+    path = str(real_image(manifest_frame, "covid", "ieee8023"))
+    before = len(xray_app.kept)
+    for _ in range(3):
+        xray_app.analyse(path, "gradcam", PREDICTED, 0.4)
+    assert len(xray_app.kept) == before
+    *_, shown = xray_app.analyse_and_keep(path, "gradcam", PREDICTED, 0.4)
+    assert xray_app.kept.get(shown) is not None and len(xray_app.kept) == min(before + 1, xray_app.kept.most)
+
+
 def test_opacity_reblends_the_kept_map_without_a_forward_pass(xray_app, manifest_frame, monkeypatch):
     path = str(real_image(manifest_frame, "covid", "ieee8023"))
     *_, shown = xray_app.analyse_and_keep(path, "gradcam", PREDICTED, 0.4)

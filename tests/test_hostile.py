@@ -423,6 +423,59 @@ def test_app_analytics_off_and_files_expire(predictor, tmp_path, monkeypatch):
     assert demo.delete_cache == (FILE_LIFETIME_S, FILE_LIFETIME_S) == (3600, 3600)
 
 
+def _component(demo, elem_id):
+    return next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == elem_id)
+
+
+def test_an_upload_leaves_no_empty_temp_file(predictor, tmp_path, monkeypatch, manifest_frame):
+    """Gradio's gr.File made an empty temp file in the app's temp folder each time it handed a
+    path to a handler (twice per analysis): 1,224 of them after 612 analyses."""
+    from gradio.data_classes import FileData
+
+    from covidxr.serve import XrayApp
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()  # as launch() makes it
+    upload = _component(XrayApp(predictor, tmp_path).build(), "upload")
+    xray = str(real_image(manifest_frame, "normal", "nih14"))
+    before = set(Path(upload.GRADIO_CACHE).rglob("*"))
+    for _ in range(3):
+        assert upload.preprocess(FileData(path=xray, orig_name="x.png")) == xray
+    assert upload.preprocess(None) is None
+    assert set(Path(upload.GRADIO_CACHE).rglob("*")) == before
+
+
+def test_a_result_image_is_never_rewritten_in_place(predictor, tmp_path, monkeypatch):
+    """The same image again (two users on one example, or a new method on the same X-ray) must
+    not truncate the file a download may be reading: Gradio rewrote it in place, and 9 of 300
+    downloads were cut short. Written once, under another name, then renamed into place."""
+    import pathlib
+
+    from covidxr.serve import XrayApp
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "temp"))
+    demo = XrayApp(predictor, tmp_path).build()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8))
+    opened_for_writing = []
+    real_open = pathlib.Path.open
+
+    def spying_open(self, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax+") and self.exists():
+            opened_for_writing.append(self)
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", spying_open)
+    for elem_id in ("original", "overlay"):
+        component = _component(demo, elem_id)
+        first = component.postprocess(image)
+        data = Path(first.path).read_bytes()
+        again = component.postprocess(image)
+        assert again.path == first.path and Path(again.path).read_bytes() == data
+        assert Image.open(again.path).size == (80, 64)
+        assert not [p for p in Path(first.path).parent.iterdir() if p.name != Path(first.path).name]
+    assert opened_for_writing == [], "an existing result file was opened for writing"
+
+
 def test_launched_app_refuses_hostile_requests_and_keeps_answering(served_app, bombs, examples_dir):
     client = Client(served_app, verbose=False, ssl_verify=shared_ssl_context())
     example = next(p for p in sorted(examples_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
