@@ -547,9 +547,12 @@ def test_launched_app_caps_analyses_per_client(served_app, examples_dir):
         except Exception as error:  # noqa: BLE001 - the refusal, as the client raises it
             outcomes.append(str(error))
     assert slow.result(timeout=300)[0]["label"] in ("covid", "normal", "pneumonia")
-    assert all(label in ("covid", "normal", "pneumonia") for label in outcomes[:-1]), outcomes
-    # Refused as it joins, with HTTP 429 (gradio_client names the status; the body says why).
-    assert "429 Too Many Requests" in outcomes[-1], outcomes[-1]
+    # Exactly one over the cap is refused as it joins, with HTTP 429 (gradio_client names the
+    # status; the body says why). Which one is the order the submits reached the server in,
+    # which a loaded machine may shuffle.
+    refused = [outcome for outcome in outcomes if "429 Too Many Requests" in outcome]
+    answered = [outcome for outcome in outcomes if outcome in ("covid", "normal", "pneumonia")]
+    assert len(refused) == 1 and len(answered) == MAX_JOBS_PER_CLIENT - 1, outcomes
 
 
 def _free_port() -> int:
