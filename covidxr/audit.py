@@ -54,18 +54,15 @@ from tqdm.auto import tqdm
 from .checkpoint import update_config
 from .data import data_dir, load_grayscale, parse_filters, read_manifest, select
 from .evaluate import add_split_options, rows_to_score, split_file_for
-from .framing import dilate, uses_lungs
+from .framing import uses_lungs
 from .model import build_model
+from .occlusion import OCCLUSIONS, occluded_views
 from .predictor import SHIPPED_CHECKPOINT, Predictor
 from .report import notice_fires
 
 # The former notice rule, reported beside the chance rule: lung focus under this percentile of
 # the correctly classified X-rays' lung focus.
 NOTICE_PERCENTILE = 10.0
-# Occlusion check: lungs dilated by this share of the image's longer side before blanking, so
-# the lung edges (where Grad-CAM spills) count as lung.
-OCCLUSION_DILATION = 0.04
-OCCLUSIONS = ("as is", "only the outside left", "only the lungs left")
 GROUPS = {"class (true label)": "label", "correct": "correct", "source": "source_dataset", "age group": "age_group"}
 
 
@@ -126,13 +123,6 @@ def hand_drawn_focus(predictor: Predictor, frame: pd.DataFrame, method: str = "g
                      "lung_focus": float(heatmap[mask].sum() / total) if total > 0 else 0.0,
                      "chance": float(mask.mean())})
     return pd.DataFrame(rows, columns=["filename", "source_dataset", "lung_focus", "chance"])
-
-
-def occluded_views(gray: np.ndarray, lungs: np.ndarray) -> dict[str, np.ndarray]:
-    """The image as it is, with the dilated lungs blanked, and with all but them blanked."""
-    dilated = dilate(lungs, OCCLUSION_DILATION)
-    fill = np.float32(np.median(gray))
-    return dict(zip(OCCLUSIONS, (gray, np.where(dilated, fill, gray), np.where(dilated, gray, fill))))
 
 
 def occlusion_frame(predictor: Predictor, frame: pd.DataFrame, positive: str = "covid",

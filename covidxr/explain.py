@@ -220,7 +220,7 @@ class Explainer:
         probabilities = torch.softmax(logits, dim=-1).cpu().numpy()
         cam.outputs = None
         self.hooks.clear()
-        shown = _shrink(gray, max_side)
+        shown = shrink(gray, max_side)
         return Explanation(
             # The map covers what the network read (the lungs' box): put it back on the image.
             heatmap=to_image_frame(small, framed, shown.shape),
@@ -243,7 +243,7 @@ def _start_graph_here(module, inputs, output):
     return output.detach().requires_grad_(True).clone()
 
 
-def _shrink(gray: np.ndarray, max_side: int | None) -> np.ndarray:
+def shrink(gray: np.ndarray, max_side: int | None) -> np.ndarray:
     """The image scaled down (area-averaged) so its longer side is at most `max_side`."""
     height, width = gray.shape
     if max_side is None or max(height, width) <= max_side:

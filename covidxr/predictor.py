@@ -256,6 +256,13 @@ class Predictor:
             return self._explainer.explain(image, method=method, target=target, opacity=opacity,
                                            max_side=max_side)
 
+    def occlusion(self, image):
+        """The image predicted as it is, with its lungs blanked and with all but its lungs
+        blanked (occlusion.py): does the model need the evidence where its map puts it?"""
+        from .occlusion import occlusion_test
+
+        return occlusion_test(self, image)
+
     def predict_batch(self, images, batch_size: int = 32, progress: bool = False) -> list[Prediction]:
         images = list(images)
         results = []

@@ -48,10 +48,11 @@ from . import report
 from .checkpoint import current
 from .data import ImageLoadError
 from .examples import FETCH_COMMAND, available_examples
-from .explain import METHODS, identical_methods
+from .explain import METHODS, identical_methods, shrink
 from .legend import LEGEND_HTML
 from .limits import ClientLimits, OneAtATime, send_json, stop_if_cancelled
 from .logins import LoginGuard, read_logins
+from .occlusion import AS_IS, BLANKED, OUTSIDE_LEFT
 from .predictor import Predictor
 from .report import DEFAULT_NOTICE, METHOD_LABELS, NOT_AN_XRAY, NOT_AN_XRAY_HEADLINE, notice_rule  # noqa: F401
 from .sessions import KEPT_FOR_S, KeptMaps, Shown
@@ -215,6 +216,13 @@ class XrayApp:
         return [gr.validate(name not in problems, html.escape(problems.get(name, ""), quote=False))
                 for name in names]
 
+    def admit_occlusion(self, file, blanked=None):
+        """The validator of a map test: which side to blank, checked before the job joins."""
+        problem = "" if blanked is None or blanked in BLANKED else \
+            f"Blank {' or '.join(map(repr, BLANKED))}, not {_quoted(blanked)}."
+        checks = [gr.validate(True, "")]
+        return checks if blanked is None else [*checks, gr.validate(not problem, html.escape(problem, quote=False))]
+
     def admit_opacity(self, shown, opacity):
         """The validator of a re-blend: the opacity checked as for an analysis."""
         problem = self.problems("gradcam", PREDICTED, opacity).get("opacity", "")
@@ -301,7 +309,7 @@ class XrayApp:
         gets its reason in the result area, in place of the previous verdict (a toast alone goes
         after a few seconds, and the old result would stay on the page as if it were this file's)."""
         try:
-            return self.analyse_and_keep(file, method, explain_class, opacity)
+            return (*self.analyse_and_keep(file, method, explain_class, opacity), *NO_OCCLUSION)
         except gr.Error as error:
             return self.failed(error.message)
 
@@ -309,7 +317,7 @@ class XrayApp:
     def failed(message: str = "The analysis failed unexpectedly; try again, or try another file."):
         """The result area for an input that could not be analysed: the error's verdict, no images."""
         verdict = report.failure(message)
-        return label_data(verdict), None, None, report.markdown(verdict), None
+        return label_data(verdict), None, None, report.markdown(verdict), None, *NO_OCCLUSION
 
     def show_new(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
         """A new image (an upload or an example): the explained class goes back to the predicted
@@ -319,7 +327,40 @@ class XrayApp:
     @staticmethod
     def cleared():
         """The upload cleared: the result goes with it, and the explained class is reset."""
-        return PREDICTED, None, None, None, "", None
+        return PREDICTED, None, None, None, "", None, *NO_OCCLUSION
+
+    def occlusion(self, file, blanked: str = "lungs"):
+        """(text, image, numbers) for the map test on this image (occlusion.py): the model again
+        with its `blanked` ("lungs", or "outside": all but the lungs) filled with the image's
+        median gray. The `/occlusion` API; the page's two buttons."""
+        if blanked not in BLANKED:
+            raise gr.Error(f"Blank the lungs or the outside, not {_quoted(blanked)}.", print_exception=False)
+        if not file:
+            raise gr.Error("Upload a chest X-ray or click an example first.", print_exception=False)
+        path = Path(file if isinstance(file, (str, Path)) else file.name)
+        try:
+            if self.predictor.predict(path).not_an_xray:
+                raise gr.Error("This does not look like a frontal chest X-ray: there are no lungs to blank.",
+                               print_exception=False)
+            test = self.predictor.occlusion(path)
+        except ImageLoadError as error:
+            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
+        except ValueError as error:  # a lung-reading checkpoint
+            raise gr.Error(str(error), print_exception=False) from error
+        view = BLANKED[blanked]
+        shown = (np.clip(shrink(test.views[view], DISPLAY_SIDE), 0, 1) * 255).round().astype(np.uint8)
+        numbers = {"blanked": blanked, "as_is": test.probabilities[AS_IS], "blanked_probabilities":
+                   test.probabilities[view], "decided_as_is": test.decided[AS_IS], "decided_blanked": test.decided[view]}
+        return occlusion_text(test, view), Image.fromarray(shown), numbers
+
+    async def serve_blank_lungs(self, file, request: gr.Request):
+        return await self.served(request, self.occlusion, file, "lungs")
+
+    async def serve_blank_outside(self, file, request: gr.Request):
+        return await self.served(request, self.occlusion, file, "outside")
+
+    async def serve_occlusion(self, file, blanked, request: gr.Request):
+        return await self.served(request, self.occlusion, file, blanked)
 
     def reblend(self, kept: str | None, opacity):
         """The overlay at a new opacity from the kept map: no forward pass. A map no longer kept
@@ -420,11 +461,26 @@ class XrayApp:
                             for image in (original, overlay_image):  # never rewritten while served (_saved_once)
                                 image.postprocess = _saved_once(image)
                             gr.HTML(LEGEND_HTML, elem_id="legend")
+                    with gr.Accordion("Test the map on this image", open=True, elem_id="map-test"):
+                        gr.Markdown(MAP_TEST_INTRO)
+                        with gr.Row():
+                            blank_lungs = gr.Button("Blank the lungs, predict again", size="sm",
+                                                    elem_id="blank-lungs")
+                            blank_outside = gr.Button("Blank all but the lungs, predict again", size="sm",
+                                                      elem_id="blank-outside")
+                        with gr.Row():  # side by side on a desktop, one above the other on a phone
+                            with gr.Column(min_width=280):
+                                occlusion_result = gr.Markdown(elem_id="occlusion-result")
+                            with gr.Column(min_width=280):
+                                occluded = gr.Image(label="What the model read", type="pil", format="jpeg",
+                                                    height=260, elem_id="occluded")
+                                occluded.postprocess = _saved_once(occluded)
             with gr.Accordion("About this model", open=False):
                 gr.Markdown("\n\n".join([model_facts(config), notice_facts(config), method_facts(config)]))
 
             inputs = [upload, method, explain_class, opacity]
-            outputs = [probabilities, original, overlay_image, summary, shown]
+            # The map test's result goes with the image it was made for: each new result clears it.
+            outputs = [probabilities, original, overlay_image, summary, shown, occlusion_result, occluded]
             model = dict(concurrency_id="model", validator=self.admit)
             # Handlers run through `served` (serve_*); their API names stay the plain methods' names.
             # One request per user action: the upload, each change of method or class, each example
@@ -448,6 +504,16 @@ class XrayApp:
             # The `/predict` API: plain values (no page updates), through a button the page does not show.
             api = gr.Button(visible=False)
             api.click(self.serve_analyse, inputs, outputs[:4], api_name="predict", **model)
+            # The map test: one request per click; `/occlusion` also returns the numbers.
+            numbers = gr.JSON(visible=False)
+            blanked = gr.Textbox(visible=False)
+            tested = dict(concurrency_id="model", validator=self.admit_occlusion)
+            blank_lungs.click(self.serve_blank_lungs, upload, [occlusion_result, occluded, numbers],
+                              api_name="blank_lungs", api_visibility="private", **tested)
+            blank_outside.click(self.serve_blank_outside, upload, [occlusion_result, occluded, numbers],
+                                api_name="blank_outside", api_visibility="private", **tested)
+            api.click(self.serve_occlusion, [upload, blanked], [occlusion_result, occluded, numbers],
+                      api_name="occlusion", **tested)
             if self.examples:
                 clicked = examples.click(self.serve_example, [examples, method, explain_class, opacity],
                                          [upload, explain_class, *outputs], api_name="analyse_example",
@@ -460,6 +526,34 @@ class XrayApp:
         demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
         self.demo = demo
         return demo
+
+
+MAP_TEST_INTRO = ("A heatmap shows where the evidence lies; blanking shows whether the model needs it there. "
+                  "Fill the lungs (or everything but them) with flat gray and ask the model again. "
+                  "MODEL_CARD.md (shortcut audit) has the same test over the whole test split.")
+NO_OCCLUSION = ("", None)  # the map test's result, cleared by every new result
+
+
+def occlusion_text(test, view: str) -> str:
+    """The map test's result in words, for a student: the probabilities before and after, and
+    what the change means for this image."""
+    decided = test.decided[AS_IS]
+    before, after = test.probabilities[AS_IS][decided], test.probabilities[view][decided]
+    now = test.decided[view]
+    what = "the lungs blanked" if view == OUTSIDE_LEFT else "only the lungs left"
+    says = f"still says **{now}**" if now == decided else f"now says **{now}**"
+    text = (f"**With {what}**: {decided} {after:.0%} (as it is: {before:.0%}); the model {says}.\n\n"
+            + ", ".join(f"{name} {p:.0%}" for name, p in test.probabilities[view].items()) + ".\n\n")
+    if view == OUTSIDE_LEFT:
+        if now == decided:
+            return text + (f"It still says {decided} without seeing the lungs: on this image its evidence for "
+                           f"{decided} does not need them. It may be reading a border, a marker or the look of "
+                           "the film (a shortcut).")
+        return text + f"Without the lungs it no longer says {decided}: it needed them for that answer."
+    if now == decided:
+        return text + f"The lungs alone carry its answer: with everything else blanked it still says {decided}."
+    return text + (f"With only the lungs it no longer says {decided}: what lies outside them was part of "
+                   "its answer.")
 
 
 def _as_sent(value):

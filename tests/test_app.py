@@ -214,9 +214,10 @@ def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, mani
     assert good[0].label in xray_app.predictor.classes and good[1] is not None
     bad = tmp_path / "notes.png"
     bad.write_text("definitely not an X-ray")
-    label, original, overlay, summary, shown = xray_app.show(str(bad))
+    label, original, overlay, summary, shown, occlusion_result, occluded = xray_app.show(str(bad))
     assert label.label == NO_RESULT and not label.confidences
     assert original is None and overlay is None and shown is None
+    assert (occlusion_result, occluded) == ("", None)  # the map test of the previous image goes too
     assert summary.startswith(f"### {ERROR_HEADLINE}\nnotes.png: not an image we can read")
     with pytest.raises(gr.Error, match="notes.png: not an image we can read"):
         xray_app.analyse(str(bad))
@@ -225,14 +226,14 @@ def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, mani
 
 
 def test_clearing_or_a_new_image_resets_the_page(xray_app, manifest_frame):
-    assert xray_app.cleared() == (PREDICTED, None, None, None, "", None)
+    assert xray_app.cleared() == (PREDICTED, None, None, None, "", None, "", None)
     # A class chosen before any upload: no update of the label (Gradio would swap in a fresh copy of
     # the component for the session, and every later result failed to show).
-    assert xray_app.reanalyse(None, "gradcam", "covid", 0.4) == (None, None, None, "", None)
+    assert xray_app.reanalyse(None, "gradcam", "covid", 0.4) == (None, None, None, "", None, "", None)
     path = str(real_image(manifest_frame, "normal", "nih14"))
     decided = xray_app.predictor.predict(path).label
     other = next(c for c in xray_app.predictor.classes if c != decided)
-    explained, label, *_, summary, _ = xray_app.show_new(path, "gradcam", other, 0.4)
+    explained, label, _, _, summary, *_ = xray_app.show_new(path, "gradcam", other, 0.4)
     assert explained == PREDICTED and label.label == decided
     assert f"evidence for **{decided}**" in summary and "not for the prediction" not in summary
 
@@ -294,6 +295,12 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
     assert str(refused.value).count("notes.png") == 1
     label_again, *_ = client.predict(handle_file(str(example)), "eigencam", "covid", 0.5, api_name="/predict")
     assert label_again["label"] in ("covid", "normal", "pneumonia")
+    # The map test through the API: the numbers before and after, the words, the image read.
+    text, image, numbers = client.predict(handle_file(str(example)), "lungs", api_name="/occlusion")
+    assert text.startswith("**With the lungs blanked**") and Image.open(image).size == Image.open(example).size
+    assert set(numbers["as_is"]) == set(numbers["blanked_probabilities"]) == {"covid", "normal", "pneumonia"}
+    with pytest.raises(Exception, match="not 'middle'"):
+        client.predict(handle_file(str(example)), "middle", api_name="/occlusion")
     # Every method name is still accepted, including those the page folds into Grad-CAM.
     hires, *_ = client.predict(handle_file(str(example)), "hirescam", "predicted class", 0.4, api_name="/predict")
     assert hires == label
@@ -371,6 +378,11 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
         assert act(lambda: page.mouse.click(slider["x"] + slider["width"] * 0.9, slider["y"] + slider["height"] / 2),
                    lambda: page.wait_for_function(f"() => document.querySelector('#overlay img').src != {before!r}",
                                                   timeout=60_000)) == ["reblend"]
+        # The map test: one request, its result in words beside the image the model read.
+        assert act(lambda: page.locator("#blank-lungs").click(),
+                   lambda: page.locator("#occlusion-result").get_by_text("With the lungs blanked").wait_for(
+                       timeout=60_000)) == ["blank_lungs"]
+        assert page.locator("#occluded img").count() == 1
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         bars = page.locator("#prediction dt")  # the probability bars (the heading is off: the summary names the class)
         assert sorted(bars.all_inner_texts()) == ["covid", "normal", "pneumonia"]
@@ -396,6 +408,7 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
                                timeout=60_000)
         assert page.get_by_role("radio", name="predicted class").is_checked()
         assert bars.count() == 3
+        assert "With the lungs blanked" not in page.locator("#occlusion-result").inner_text()  # the old image's
 
         # Then a text file named .png: the error takes the result's place, readable there, and
         # nothing of the previous verdict stays (no label, no images, no console error).
@@ -435,3 +448,29 @@ def test_banner_names_the_share_flag(tmp_path, capfd, monkeypatch):
         demo.close()
     assert f"covidxr app running on http://127.0.0.1:{port}/" in printed
     assert "--share" in printed and "share=True" not in printed
+
+
+def test_the_map_test_blanks_one_side_and_says_what_changed(xray_app, manifest_frame, tmp_path):
+    """The page's two buttons and `/occlusion`: the model again with the lungs (or all but them)
+    blanked; the probabilities before and after, in words, with the image the model read."""
+    from covidxr.occlusion import AS_IS, OUTSIDE_LEFT
+
+    path = str(real_image(manifest_frame, "covid", "ieee8023"))
+    test = xray_app.predictor.occlusion(path)
+    text, image, numbers = xray_app.occlusion(path, "lungs")
+    assert numbers["as_is"] == test.probabilities[AS_IS] and numbers["blanked_probabilities"] == \
+        test.probabilities[OUTSIDE_LEFT]
+    decided = test.decided[AS_IS]
+    assert text.startswith(f"**With the lungs blanked**: {decided} {test.probabilities[OUTSIDE_LEFT][decided]:.0%} "
+                           f"(as it is: {test.probabilities[AS_IS][decided]:.0%})")
+    assert ("without seeing the lungs" in text) is (test.decided[OUTSIDE_LEFT] == decided)
+    assert image.size[0] <= 1024 and image.mode == "L"
+    text, _, numbers = xray_app.occlusion(path, "outside")
+    assert text.startswith("**With only the lungs left**") and numbers["blanked"] == "outside"
+    with pytest.raises(gr.Error, match="not 'middle'"):
+        xray_app.occlusion(path, "middle")
+    from skimage import data
+
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.png")  # refused: no chest X-ray
+    with pytest.raises(gr.Error, match="no lungs to blank"):
+        xray_app.occlusion(str(tmp_path / "coffee.png"), "lungs")

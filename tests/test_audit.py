@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import MANIFEST, real_image
-from covidxr.audit import GROUPS, OCCLUSIONS, main, occluded_views, occlusion_summary, randomisation_check
+from covidxr.audit import GROUPS, main, occlusion_summary, randomisation_check
+from covidxr.occlusion import OCCLUSIONS, occluded_views
 from covidxr.predictor import SHIPPED_CHECKPOINT, SHIPPED_SPLIT
 from covidxr.segment import evidence_shares
 
@@ -141,3 +142,22 @@ def test_store_notice_never_rewrites_the_packaged_weights_by_default(capsys):
         main(["--store-notice", "--limit", "2"])
     assert "--checkpoint" in capsys.readouterr().err
     assert SHIPPED_CHECKPOINT.read_bytes() == before
+
+
+def test_the_occlusion_test_of_one_image_blanks_each_side(predictor, manifest_frame):
+    """`Predictor.occlusion`: the views `audit --occlusion` scores, for one image, each predicted."""
+    from covidxr.data import load_grayscale
+    from covidxr.occlusion import AS_IS, LUNGS_LEFT, OUTSIDE_LEFT
+
+    path = real_image(manifest_frame, "covid", "ieee8023")
+    test = predictor.occlusion(path)
+    gray = load_grayscale(path)
+    assert list(test.views) == list(OCCLUSIONS) and np.array_equal(test.views[AS_IS], gray)
+    assert test.probabilities[AS_IS] == pytest.approx(predictor.predict(gray).probabilities)
+    for view in (OUTSIDE_LEFT, LUNGS_LEFT):
+        assert not np.array_equal(test.views[view], gray)
+        assert test.probabilities[view] == pytest.approx(predictor.predict(test.views[view]).probabilities)
+        assert test.change(view, "covid") == pytest.approx(test.probabilities[view]["covid"]
+                                                           - test.probabilities[AS_IS]["covid"])
+    # Blanking either side changes what the network sees, so its answer moves.
+    assert test.probabilities[OUTSIDE_LEFT] != test.probabilities[AS_IS] != test.probabilities[LUNGS_LEFT]
