@@ -9,7 +9,11 @@ with the lungs blanked reads something else: a border, a text marker, the look o
 
     test = occlusion_test(predictor, "xray.png")
     test.probabilities["lungs blanked"]["covid"]   # against test.probabilities["as is"]["covid"]
-    test.views["lungs blanked"]                    # the image the model read, float32 in [0, 1]
+    test.views["only the outside left"]            # the image the model read, float32 in [0, 1]
+    painted_test(predictor, "xray.png", mask)      # the same for what a person painted over
+
+The page's eraser blanks what a person paints (a side marker, a text label, a tube) with the
+same fill.
 """
 
 from __future__ import annotations
@@ -26,15 +30,20 @@ from .framing import dilate, uses_lungs
 OCCLUSION_DILATION = 0.04
 AS_IS, OUTSIDE_LEFT, LUNGS_LEFT = "as is", "only the outside left", "only the lungs left"
 OCCLUSIONS = (AS_IS, OUTSIDE_LEFT, LUNGS_LEFT)
+PAINTED_OVER = "painted over"
 # What the page and the API call the two blanked views.
 BLANKED = {"lungs": OUTSIDE_LEFT, "outside": LUNGS_LEFT}
+
+
+def blanked(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`gray` with `mask` filled with the image's median gray (flat: no edges, no texture)."""
+    return np.where(mask, np.float32(np.median(gray)), gray)
 
 
 def occluded_views(gray: np.ndarray, lungs: np.ndarray) -> dict[str, np.ndarray]:
     """The image as it is, with the dilated lungs blanked, and with all but them blanked."""
     dilated = dilate(lungs, OCCLUSION_DILATION)
-    fill = np.float32(np.median(gray))
-    return dict(zip(OCCLUSIONS, (gray, np.where(dilated, fill, gray), np.where(dilated, gray, fill))))
+    return dict(zip(OCCLUSIONS, (gray, blanked(gray, dilated), blanked(gray, ~dilated))))
 
 
 @dataclass
@@ -57,7 +66,22 @@ def occlusion_test(predictor, image) -> OcclusionTest:
     if uses_lungs(predictor.framing_recipe):
         raise ValueError("the occlusion test is for whole-image checkpoints: this one reads only the lungs' box")
     gray = load_grayscale(image)
-    views = occluded_views(gray, predictor.segment_lungs(gray))
+    return _tested(predictor, occluded_views(gray, predictor.segment_lungs(gray)))
+
+
+def painted_test(predictor, image, painted: np.ndarray) -> OcclusionTest:
+    """Predict `image` as it is and with what a person painted over blanked. `painted` is a
+    boolean mask of any size (the page's is at display size): it is scaled to the image."""
+    import cv2
+
+    gray = load_grayscale(image)
+    if not painted.any():
+        raise ValueError("nothing is painted over: paint over what to blank first")
+    mask = cv2.resize(painted.astype(np.uint8), gray.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    return _tested(predictor, {AS_IS: gray, PAINTED_OVER: blanked(gray, mask)})
+
+
+def _tested(predictor, views: dict[str, np.ndarray]) -> OcclusionTest:
     # The not-a-chest-X-ray check may refuse a view with its lungs blanked; what the network
     # says for it is what the test is about, so the decided class is read, not the label.
     predictions = {name: predictor.predict(view) for name, view in views.items()}

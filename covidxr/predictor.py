@@ -256,12 +256,13 @@ class Predictor:
             return self._explainer.explain(image, method=method, target=target, opacity=opacity,
                                            max_side=max_side)
 
-    def occlusion(self, image):
+    def occlusion(self, image, painted=None):
         """The image predicted as it is, with its lungs blanked and with all but its lungs
-        blanked (occlusion.py): does the model need the evidence where its map puts it?"""
-        from .occlusion import occlusion_test
+        blanked (occlusion.py): does the model need the evidence where its map puts it? With
+        `painted` (a boolean mask, any size), as it is and with what it covers blanked."""
+        from .occlusion import occlusion_test, painted_test
 
-        return occlusion_test(self, image)
+        return occlusion_test(self, image) if painted is None else painted_test(self, image, np.asarray(painted, bool))
 
     def predict_batch(self, images, batch_size: int = 32, progress: bool = False) -> list[Prediction]:
         images = list(images)

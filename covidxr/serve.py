@@ -52,7 +52,7 @@ from .explain import METHODS, identical_methods, shrink
 from .legend import LEGEND_HTML
 from .limits import ClientLimits, OneAtATime, send_json, stop_if_cancelled
 from .logins import LoginGuard, read_logins
-from .occlusion import AS_IS, BLANKED, OUTSIDE_LEFT
+from .occlusion import AS_IS, BLANKED, LUNGS_LEFT, OUTSIDE_LEFT, PAINTED_OVER
 from .predictor import Predictor
 from .report import DEFAULT_NOTICE, METHOD_LABELS, NOT_AN_XRAY, NOT_AN_XRAY_HEADLINE, notice_rule  # noqa: F401
 from .sessions import KEPT_FOR_S, KeptMaps, Shown
@@ -309,7 +309,8 @@ class XrayApp:
         gets its reason in the result area, in place of the previous verdict (a toast alone goes
         after a few seconds, and the old result would stay on the page as if it were this file's)."""
         try:
-            return (*self.analyse_and_keep(file, method, explain_class, opacity), *NO_OCCLUSION)
+            result = self.analyse_and_keep(file, method, explain_class, opacity)
+            return (*result, *NO_OCCLUSION, result[1])  # the eraser starts from the image as read
         except gr.Error as error:
             return self.failed(error.message)
 
@@ -317,7 +318,7 @@ class XrayApp:
     def failed(message: str = "The analysis failed unexpectedly; try again, or try another file."):
         """The result area for an input that could not be analysed: the error's verdict, no images."""
         verdict = report.failure(message)
-        return label_data(verdict), None, None, report.markdown(verdict), None, *NO_OCCLUSION
+        return label_data(verdict), None, None, report.markdown(verdict), None, *NO_OCCLUSION, None
 
     def show_new(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
         """A new image (an upload or an example): the explained class goes back to the predicted
@@ -327,7 +328,7 @@ class XrayApp:
     @staticmethod
     def cleared():
         """The upload cleared: the result goes with it, and the explained class is reset."""
-        return PREDICTED, None, None, None, "", None, *NO_OCCLUSION
+        return PREDICTED, None, None, None, "", None, *NO_OCCLUSION, None
 
     def occlusion(self, file, blanked: str = "lungs"):
         """(text, image, numbers) for the map test on this image (occlusion.py): the model again
@@ -352,6 +353,29 @@ class XrayApp:
         numbers = {"blanked": blanked, "as_is": test.probabilities[AS_IS], "blanked_probabilities":
                    test.probabilities[view], "decided_as_is": test.decided[AS_IS], "decided_blanked": test.decided[view]}
         return occlusion_text(test, view), Image.fromarray(shown), numbers
+
+    def erase(self, file, edited):
+        """(text, image, numbers): the model again with what the person painted on the eraser
+        (a marker, a label, a tube) blanked with the same fill (occlusion.painted_test)."""
+        if not file:
+            raise gr.Error("Upload a chest X-ray or click an example first.", print_exception=False)
+        painted = painted_mask(edited)
+        if painted is None or not painted.any():
+            raise gr.Error("Paint over something on the image first (the brush), then press the button.",
+                           print_exception=False)
+        path = Path(file if isinstance(file, (str, Path)) else file.name)
+        try:
+            test = self.predictor.occlusion(path, painted=painted)
+        except ImageLoadError as error:
+            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
+        shown = (np.clip(shrink(test.views[PAINTED_OVER], DISPLAY_SIDE), 0, 1) * 255).round().astype(np.uint8)
+        numbers = {"blanked": "painted", "as_is": test.probabilities[AS_IS],
+                   "blanked_probabilities": test.probabilities[PAINTED_OVER], "decided_as_is": test.decided[AS_IS],
+                   "decided_blanked": test.decided[PAINTED_OVER]}
+        return occlusion_text(test, PAINTED_OVER), Image.fromarray(shown), numbers
+
+    async def serve_erase(self, file, edited, request: gr.Request):
+        return await self.served(request, self.erase, file, edited)
 
     async def serve_blank_lungs(self, file, request: gr.Request):
         return await self.served(request, self.occlusion, file, "lungs")
@@ -475,12 +499,18 @@ class XrayApp:
                                 occluded = gr.Image(label="What the model read", type="pil", format="jpeg",
                                                     height=260, elem_id="occluded")
                                 occluded.postprocess = _saved_once(occluded)
+                        eraser = gr.ImageEditor(
+                            label="Paint over what to blank (a side marker, a text label, a tube)", type="numpy",
+                            sources=(), transforms=(), layers=False, format="png", height=380, elem_id="eraser",
+                            brush=gr.Brush(colors=["#ff00ff"], default_color="#ff00ff", color_mode="fixed",
+                                           default_size=24), buttons=[])
+                        erase = gr.Button("Blank what I painted, predict again", size="sm", elem_id="erase")
             with gr.Accordion("About this model", open=False):
                 gr.Markdown("\n\n".join([model_facts(config), notice_facts(config), method_facts(config)]))
 
             inputs = [upload, method, explain_class, opacity]
             # The map test's result goes with the image it was made for: each new result clears it.
-            outputs = [probabilities, original, overlay_image, summary, shown, occlusion_result, occluded]
+            outputs = [probabilities, original, overlay_image, summary, shown, occlusion_result, occluded, eraser]
             model = dict(concurrency_id="model", validator=self.admit)
             # Handlers run through `served` (serve_*); their API names stay the plain methods' names.
             # One request per user action: the upload, each change of method or class, each example
@@ -514,6 +544,8 @@ class XrayApp:
                                 api_name="blank_outside", api_visibility="private", **tested)
             api.click(self.serve_occlusion, [upload, blanked], [occlusion_result, occluded, numbers],
                       api_name="occlusion", **tested)
+            erase.click(self.serve_erase, [upload, eraser], [occlusion_result, occluded, numbers], api_name="erase",
+                        api_visibility="private", concurrency_id="model")
             if self.examples:
                 clicked = examples.click(self.serve_example, [examples, method, explain_class, opacity],
                                          [upload, explain_class, *outputs], api_name="analyse_example",
@@ -540,10 +572,16 @@ def occlusion_text(test, view: str) -> str:
     decided = test.decided[AS_IS]
     before, after = test.probabilities[AS_IS][decided], test.probabilities[view][decided]
     now = test.decided[view]
-    what = "the lungs blanked" if view == OUTSIDE_LEFT else "only the lungs left"
+    what = {OUTSIDE_LEFT: "the lungs blanked", LUNGS_LEFT: "only the lungs left",
+            PAINTED_OVER: "what you painted over blanked"}[view]
     says = f"still says **{now}**" if now == decided else f"now says **{now}**"
     text = (f"**With {what}**: {decided} {after:.0%} (as it is: {before:.0%}); the model {says}.\n\n"
             + ", ".join(f"{name} {p:.0%}" for name, p in test.probabilities[view].items()) + ".\n\n")
+    if view == PAINTED_OVER:
+        if now == decided:
+            return text + f"It still says {decided}: on this image it did not need what you painted over."
+        return text + (f"Without what you painted over it no longer says {decided}: that was part of its answer "
+                       "(a shortcut, if it was not lung).")
     if view == OUTSIDE_LEFT:
         if now == decided:
             return text + (f"It still says {decided} without seeing the lungs: on this image its evidence for "
@@ -554,6 +592,21 @@ def occlusion_text(test, view: str) -> str:
         return text + f"The lungs alone carry its answer: with everything else blanked it still says {decided}."
     return text + (f"With only the lungs it no longer says {decided}: what lies outside them was part of "
                    "its answer.")
+
+
+def painted_mask(edited) -> np.ndarray | None:
+    """What was painted on the eraser (an ImageEditor value): every pixel a brush layer covers
+    (its alpha; a layer without alpha counts where it is not black)."""
+    if not isinstance(edited, dict):
+        return None
+    masks = []
+    for layer in edited.get("layers") or []:
+        layer = np.asarray(layer) if layer is not None else None
+        if layer is None or layer.ndim < 2:
+            continue
+        masks.append(layer[..., 3] > 0 if layer.ndim == 3 and layer.shape[2] == 4
+                     else layer.reshape(*layer.shape[:2], -1).any(-1))
+    return np.logical_or.reduce(masks) if masks else None
 
 
 def _as_sent(value):

@@ -214,10 +214,10 @@ def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, mani
     assert good[0].label in xray_app.predictor.classes and good[1] is not None
     bad = tmp_path / "notes.png"
     bad.write_text("definitely not an X-ray")
-    label, original, overlay, summary, shown, occlusion_result, occluded = xray_app.show(str(bad))
+    label, original, overlay, summary, shown, occlusion_result, occluded, eraser = xray_app.show(str(bad))
     assert label.label == NO_RESULT and not label.confidences
     assert original is None and overlay is None and shown is None
-    assert (occlusion_result, occluded) == ("", None)  # the map test of the previous image goes too
+    assert (occlusion_result, occluded, eraser) == ("", None, None)  # the previous image's map test goes too
     assert summary.startswith(f"### {ERROR_HEADLINE}\nnotes.png: not an image we can read")
     with pytest.raises(gr.Error, match="notes.png: not an image we can read"):
         xray_app.analyse(str(bad))
@@ -226,10 +226,10 @@ def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, mani
 
 
 def test_clearing_or_a_new_image_resets_the_page(xray_app, manifest_frame):
-    assert xray_app.cleared() == (PREDICTED, None, None, None, "", None, "", None)
+    assert xray_app.cleared() == (PREDICTED, None, None, None, "", None, "", None, None)
     # A class chosen before any upload: no update of the label (Gradio would swap in a fresh copy of
     # the component for the session, and every later result failed to show).
-    assert xray_app.reanalyse(None, "gradcam", "covid", 0.4) == (None, None, None, "", None, "", None)
+    assert xray_app.reanalyse(None, "gradcam", "covid", 0.4) == (None, None, None, "", None, "", None, None)
     path = str(real_image(manifest_frame, "normal", "nih14"))
     decided = xray_app.predictor.predict(path).label
     other = next(c for c in xray_app.predictor.classes if c != decided)
@@ -316,7 +316,8 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
 @pytest.mark.browser
 def test_browser_one_request_per_action_and_readable_examples(served_app, examples_dir, tmp_path):
     """In Chromium: every user action sends exactly one request to the queue (the dropdown's
-    `input` once sent two), a new opacity runs no analysis, the examples' captions are whole, a
+    `input` once sent two), a new opacity runs no analysis, the map test's buttons and the
+    eraser round trip each send one, the examples' captions are whole, a
     new upload resets the explained class, and an unreadable file after a result replaces that
     result with its error (no stale label, no console error)."""
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (see README)"
@@ -383,6 +384,21 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
                    lambda: page.locator("#occlusion-result").get_by_text("With the lungs blanked").wait_for(
                        timeout=60_000)) == ["blank_lungs"]
         assert page.locator("#occluded img").count() == 1
+        # The eraser: a stroke painted across the image, then one request, and its result in words.
+        canvas = page.locator("#eraser canvas").first
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+
+        def paint_and_erase():
+            x, y = box["x"] + box["width"] * 0.42, box["y"] + box["height"] * 0.3
+            page.mouse.move(x, y)
+            page.mouse.down()
+            for step in range(1, 15):
+                page.mouse.move(x + step * box["width"] * 0.01, y, steps=2)
+            page.mouse.up()
+            page.locator("#erase").click()
+        assert act(paint_and_erase, lambda: page.locator("#occlusion-result").get_by_text(
+            "With what you painted over blanked").wait_for(timeout=60_000)) == ["erase"]
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         bars = page.locator("#prediction dt")  # the probability bars (the heading is off: the summary names the class)
         assert sorted(bars.all_inner_texts()) == ["covid", "normal", "pneumonia"]
@@ -474,3 +490,25 @@ def test_the_map_test_blanks_one_side_and_says_what_changed(xray_app, manifest_f
     Image.fromarray(data.coffee()).save(tmp_path / "coffee.png")  # refused: no chest X-ray
     with pytest.raises(gr.Error, match="no lungs to blank"):
         xray_app.occlusion(str(tmp_path / "coffee.png"), "lungs")
+
+
+def test_the_eraser_blanks_what_was_painted(xray_app, manifest_frame):
+    """The eraser: what a person paints on the image as read (display size) is blanked at the
+    image's own size with the same fill, and the model asked again."""
+    from covidxr.occlusion import AS_IS, PAINTED_OVER
+
+    path = str(real_image(manifest_frame, "covid", "ieee8023"))
+    *_, eraser = xray_app.show(path)
+    assert eraser.size == xray_app.show(path)[1].size  # it starts from the image as read
+    width, height = eraser.size
+    layer = np.zeros((height, width, 4), np.uint8)
+    layer[: height // 5, : width // 3] = (255, 0, 255, 255)  # the top-left corner, where markers sit
+    edited = {"background": np.asarray(eraser), "layers": [layer], "composite": None}
+    text, image, numbers = xray_app.erase(path, edited)
+    test = xray_app.predictor.occlusion(path, painted=layer[..., 3] > 0)
+    assert numbers["blanked_probabilities"] == test.probabilities[PAINTED_OVER] != test.probabilities[AS_IS]
+    assert text.startswith("**With what you painted over blanked**")
+    read = np.asarray(image)
+    assert read.shape == (height, width) and read[: height // 5 - 2, : width // 3 - 2].std() < 1  # flat fill
+    with pytest.raises(gr.Error, match="Paint over something"):
+        xray_app.erase(path, {"background": np.asarray(eraser), "layers": [np.zeros_like(layer)], "composite": None})
