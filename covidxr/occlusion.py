@@ -8,8 +8,9 @@ are filled with the image's median gray, or everything outside them is: the same
 with the lungs blanked reads something else: a border, a text marker, the look of a source.
 
     test = occlusion_test(predictor, "xray.png")
-    test.probabilities["lungs blanked"]["covid"]   # against test.probabilities["as is"]["covid"]
+    test.probabilities["only the outside left"]["covid"]  # the lungs blanked, against ...["as is"]
     test.views["only the outside left"]            # the image the model read, float32 in [0, 1]
+    test.not_an_xray                               # the image as it is refused: nothing to test
     painted_test(predictor, "xray.png", mask)      # the same for what a person painted over
 
 The page's eraser blanks what a person paints (a side marker, a text label, a tube) with the
@@ -53,6 +54,7 @@ class OcclusionTest:
     views: dict[str, np.ndarray]
     probabilities: dict[str, dict[str, float]]
     decided: dict[str, str]
+    not_an_xray: bool  # the image as it is is refused by the not-a-chest-X-ray check
 
     def change(self, view: str, name: str) -> float:
         """How much class `name`'s probability moved from the image as it is to `view`."""
@@ -66,7 +68,7 @@ def occlusion_test(predictor, image) -> OcclusionTest:
     if uses_lungs(predictor.framing_recipe):
         raise ValueError("the occlusion test is for whole-image checkpoints: this one reads only the lungs' box")
     gray = load_grayscale(image)
-    return _tested(predictor, occluded_views(gray, predictor.segment_lungs(gray)))
+    return _tested(predictor, image, occluded_views(gray, predictor.segment_lungs(gray)))
 
 
 def painted_test(predictor, image, painted: np.ndarray) -> OcclusionTest:
@@ -78,12 +80,13 @@ def painted_test(predictor, image, painted: np.ndarray) -> OcclusionTest:
     if not painted.any():
         raise ValueError("nothing is painted over: paint over what to blank first")
     mask = cv2.resize(painted.astype(np.uint8), gray.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-    return _tested(predictor, {AS_IS: gray, PAINTED_OVER: blanked(gray, mask)})
+    return _tested(predictor, image, {AS_IS: gray, PAINTED_OVER: blanked(gray, mask)})
 
 
-def _tested(predictor, views: dict[str, np.ndarray]) -> OcclusionTest:
-    # The not-a-chest-X-ray check may refuse a view with its lungs blanked; what the network
+def _tested(predictor, image, views: dict[str, np.ndarray]) -> OcclusionTest:
+    # The image as it is is predicted from the file itself, so that the not-a-chest-X-ray check
+    # sees its colour too. That check may refuse a view with its lungs blanked; what the network
     # says for it is what the test is about, so the decided class is read, not the label.
-    predictions = {name: predictor.predict(view) for name, view in views.items()}
+    predictions = {name: predictor.predict(image if name == AS_IS else view) for name, view in views.items()}
     return OcclusionTest(views, {name: dict(p.probabilities) for name, p in predictions.items()},
-                         {name: p.decided for name, p in predictions.items()})
+                         {name: p.decided for name, p in predictions.items()}, predictions[AS_IS].not_an_xray)

@@ -336,43 +336,36 @@ class XrayApp:
         median gray. The `/occlusion` API; the page's two buttons."""
         if blanked not in BLANKED:
             raise gr.Error(f"Blank the lungs or the outside, not {_quoted(blanked)}.", print_exception=False)
-        if not file:
-            raise gr.Error("Upload a chest X-ray or click an example first.", print_exception=False)
-        path = Path(file if isinstance(file, (str, Path)) else file.name)
-        try:
-            if self.predictor.predict(path).not_an_xray:
-                raise gr.Error("This does not look like a frontal chest X-ray: there are no lungs to blank.",
-                               print_exception=False)
-            test = self.predictor.occlusion(path)
-        except ImageLoadError as error:
-            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
-        except ValueError as error:  # a lung-reading checkpoint
-            raise gr.Error(str(error), print_exception=False) from error
-        view = BLANKED[blanked]
-        shown = (np.clip(shrink(test.views[view], DISPLAY_SIDE), 0, 1) * 255).round().astype(np.uint8)
-        numbers = {"blanked": blanked, "as_is": test.probabilities[AS_IS], "blanked_probabilities":
-                   test.probabilities[view], "decided_as_is": test.decided[AS_IS], "decided_blanked": test.decided[view]}
-        return occlusion_text(test, view), Image.fromarray(shown), numbers
+        return self.map_test(file, BLANKED[blanked], blanked)
 
     def erase(self, file, edited):
         """(text, image, numbers): the model again with what the person painted on the eraser
         (a marker, a label, a tube) blanked with the same fill (occlusion.painted_test)."""
-        if not file:
-            raise gr.Error("Upload a chest X-ray or click an example first.", print_exception=False)
         painted = painted_mask(edited)
-        if painted is None or not painted.any():
+        if file and (painted is None or not painted.any()):
             raise gr.Error("Paint over something on the image first (the brush), then press the button.",
                            print_exception=False)
+        return self.map_test(file, PAINTED_OVER, "painted", painted)
+
+    def map_test(self, file, view: str, blanked: str, painted=None):
+        """The map test of `file` (Predictor.occlusion) shown as (text, the image `view` the
+        model read, the numbers)."""
+        if not file:
+            raise gr.Error("Upload a chest X-ray or click an example first.", print_exception=False)
         path = Path(file if isinstance(file, (str, Path)) else file.name)
         try:
             test = self.predictor.occlusion(path, painted=painted)
         except ImageLoadError as error:
             raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
-        shown = (np.clip(shrink(test.views[PAINTED_OVER], DISPLAY_SIDE), 0, 1) * 255).round().astype(np.uint8)
-        numbers = {"blanked": "painted", "as_is": test.probabilities[AS_IS],
-                   "blanked_probabilities": test.probabilities[PAINTED_OVER], "decided_as_is": test.decided[AS_IS],
-                   "decided_blanked": test.decided[PAINTED_OVER]}
-        return occlusion_text(test, PAINTED_OVER), Image.fromarray(shown), numbers
+        except ValueError as error:  # a lung-reading checkpoint
+            raise gr.Error(str(error), print_exception=False) from error
+        if test.not_an_xray:
+            raise gr.Error("This does not look like a frontal chest X-ray: there are no lungs to blank.",
+                           print_exception=False)
+        shown = (np.clip(shrink(test.views[view], DISPLAY_SIDE), 0, 1) * 255).round().astype(np.uint8)
+        numbers = {"blanked": blanked, "as_is": test.probabilities[AS_IS], "blanked_probabilities":
+                   test.probabilities[view], "decided_as_is": test.decided[AS_IS], "decided_blanked": test.decided[view]}
+        return occlusion_text(test, view), Image.fromarray(shown), numbers
 
     async def serve_erase(self, file, edited, request: gr.Request):
         return await self.served(request, self.erase, file, edited)

@@ -64,15 +64,13 @@ class Finding:
 def lung_shape(probability: np.ndarray, template: np.ndarray | None) -> dict:
     """Evidence of lungs in a lung-probability map (S, S): area share, confidence, the share of
     undecided pixels, the lungs' box, and the overlap of the outline with `template`."""
-    from .segment import clean_mask
-
     found = probability > 0.5
     area = float(found.mean())
     evidence = {"area": area, "confidence": float(probability[found].mean()) if found.any() else 0.0,
                 "undecided": float(((probability > 0.2) & (probability < 0.8)).mean() / max(area, 1e-3)),
                 "template_iou": 0.0}
-    mask = clean_mask(found) if found.any() else found  # the two largest regions, holes filled
-    if mask.sum() < 8 or template is None:
+    mask = lungs_found(probability)
+    if mask is None or template is None:
         return evidence
     rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     outline = box_outline(mask)
@@ -83,6 +81,24 @@ def lung_shape(probability: np.ndarray, template: np.ndarray | None) -> dict:
     evidence["box"] = [int(rows[0]) / size, int(columns[0]) / size, (int(rows[-1]) + 1) / size,
                        (int(columns[-1]) + 1) / size]
     return evidence
+
+
+def lungs_found(probability: np.ndarray) -> np.ndarray | None:
+    """The lung mask in a lung-probability map: its two largest regions, holes filled; None when
+    under 8 pixels are left (no shape to judge)."""
+    from .segment import clean_mask
+
+    found = probability > 0.5
+    mask = clean_mask(found) if found.any() else found
+    return mask if mask.sum() >= 8 else None
+
+
+def lung_view(gray: np.ndarray) -> torch.Tensor:
+    """The lung model's input for the check: the image with its uniform margins trimmed, at
+    LUNG_SIDE x LUNG_SIDE (uint8, (1, S, S))."""
+    from .data import prepare
+
+    return prepare(trimmed(gray), LUNG_SIDE)
 
 
 def box_outline(mask: np.ndarray) -> np.ndarray:
@@ -125,15 +141,10 @@ def fit_template(grays, segmenter) -> list[list[float]]:
     """The template: the mean outline (box_outline) of the lungs `segmenter` finds on the
     X-rays `grays` (the training X-rays), rounded to 3 decimals for the rules file. It belongs
     to the lung model it was made with: a retrained lung model needs a new one."""
-    from .data import prepare
-    from .segment import clean_mask
-
     outlines = []
     for gray in grays:
-        probability = segmenter.probabilities(prepare(trimmed(gray), LUNG_SIDE)[None]).numpy()[0]
-        found = probability > 0.5
-        mask = clean_mask(found) if found.any() else found
-        if mask.sum() >= 8:
+        mask = lungs_found(segmenter.probabilities(lung_view(gray)[None]).numpy()[0])
+        if mask is not None:
             outlines.append(box_outline(mask))
     return np.round(np.mean(outlines, axis=0), 3).tolist()
 
@@ -157,9 +168,7 @@ class XrayCheck:
     def lung_evidence(self, gray: np.ndarray, segmenter) -> tuple[dict, dict]:
         """(lung evidence of the image, of its inverse), from one batch through the lung model;
         uniform margins trimmed first (`trimmed`)."""
-        from .data import prepare
-
-        upright = prepare(trimmed(gray), LUNG_SIDE)
+        upright = lung_view(gray)
         batch = torch.stack([upright, 255 - upright])  # the inverse, without a second full-size copy
         upright, inverse = segmenter.probabilities(batch).numpy()
         return lung_shape(upright, self.template), lung_shape(inverse, self.template)
