@@ -103,8 +103,8 @@ class Explanation:
             return {}
         # What the network read: the whole image, or the lungs' box it was cropped to.
         cropped = self.framing is not None and self.framing.box != (0, 0, *self.framing.shape)
-        read = np.ones(self.lung_mask.shape, bool) if not cropped else \
-            to_image_frame(np.ones((2, 2), np.float32), self.framing, self.lung_mask.shape) > 0
+        read = to_image_frame(np.ones((2, 2), np.float32), self.framing, self.lung_mask.shape) > 0 if cropped \
+            else slice(None)
         return evidence_shares(self.heatmap, self.lung_mask) | {
             "chance_focus": float(self.lung_mask[read].mean()), "cropped": cropped}
 
