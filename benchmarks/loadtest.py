@@ -129,8 +129,10 @@ def markdown(result: dict) -> str:
         f"| server RSS after the round (MiB) | {memory['after_round_1']:.0f} | {memory['after_round_2']:.0f} |",
         "",
         f"Server memory: {memory['started']:.0f} MiB at start, {memory['after_warmup']:.0f} MiB after warm-up; "
-        f"round 2 changed it by {memory['growth_round_2']:+.0f} MiB. Still answering afterwards: "
-        f"{'yes' if result['answers_afterwards'] else 'NO'}.",
+        f"round 2 changed it by {memory['growth_round_2']:+.0f} MiB"
+        + (f"; {FRESH_SESSIONS} fresh sessions (a new client for each analysis) then changed it by "
+           f"{memory['growth_fresh_sessions']:+.0f} MiB" if "growth_fresh_sessions" in memory else "")
+        + f". Still answering afterwards: {'yes' if result['answers_afterwards'] else 'NO'}.",
     ])
 
 
