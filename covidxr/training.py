@@ -301,6 +301,8 @@ def macro_auroc(targets: np.ndarray, probabilities: np.ndarray) -> float:
     present = np.unique(targets)
     if len(present) < 2:
         return float("nan")
+    if classes == 2:  # both one-vs-rest curves are the same curve; sklearn wants one column for it
+        return float(roc_auc_score(targets == 1, probabilities[:, 1]))
     if len(present) == classes:
         return float(roc_auc_score(targets, probabilities, multi_class="ovr", labels=range(classes)))
     one_vs_rest = label_binarize(targets, classes=range(classes))[:, present]

@@ -104,3 +104,33 @@ def test_progressive_resizing_trains_small_then_full_size(tmp_path):
     assert config["input_size"] == 64 and config["training"]["start_size"] == 32
     assert config["training"]["kept_epoch"] == 3
     assert Predictor.load(out / "model.safetensors").predict(np.zeros((80, 80), np.uint8)).decided in config["classes"]
+
+
+def test_the_2020_recipe_trains_a_binary_model(tmp_path):
+    """The 2020 experiment's command (MODEL_CARD.md): two classes, PA COVID from ieee8023 against
+    Kermany's normals. Validation AUROC must be computed for two classes too."""
+    from conftest import MANIFEST
+    from covidxr.training import main
+
+    out = main(["--manifest", str(MANIFEST), "--classes", "covid", "normal", "--filter", "view=PA",
+                "--filter", "source_dataset=ieee8023,kermany", "--limit", "8", "--epochs", "1", "--input-size", "64",
+                "--batch-size", "8", "--no-gallery", "--out", str(tmp_path / "run"),
+                "--cache-dir", str(tmp_path / "cache")])
+    history = pd.read_csv(out / "history.csv")
+    assert 0 <= history["val_macro_auroc"].iloc[0] <= 1
+    config = read_config(out / "model.safetensors")
+    assert config["classes"] == ["covid", "normal"]
+    split = pd.read_csv(out / "split.csv", dtype=str, keep_default_na=False)
+    trained = split[split["split"] == "train"]
+    assert set(trained["source_dataset"]) <= {"ieee8023", "kermany"} and set(trained["view"]) == {"PA"}
+
+
+def test_macro_auroc_of_two_classes_is_the_positive_class_auroc():
+    from sklearn.metrics import roc_auc_score
+
+    from covidxr.training import macro_auroc
+
+    targets = np.array([0, 1, 1, 0, 1, 0])
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9], [0.8, 0.2]])
+    assert macro_auroc(targets, probabilities) == pytest.approx(roc_auc_score(targets, probabilities[:, 1]))
+    assert macro_auroc(targets, probabilities) == pytest.approx(8 / 9)  # 8 of the 9 (COVID, normal) pairs ranked right
