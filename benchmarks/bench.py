@@ -145,6 +145,107 @@ def app_round_trip(paths: list[Path], repeats: int) -> dict:
     return result
 
 
+def compare_view(paths: list[Path], repeats: int, memory_requests: int = 100) -> dict:
+    """The compare view's handler (XrayApp.show with "compare"): every bundled model's verdict
+    and Grad-CAM for one image, from a cold cache (a new page session each time: nothing of an
+    earlier analysis is reused), in this process. Then this process's resident memory before and
+    after `memory_requests` more of them."""
+    import psutil
+
+    from covidxr.predictor import ModelShelf
+    from covidxr.serve import COMPARE, PREDICTED, XrayApp
+
+    app = XrayApp(models=ModelShelf.bundled())
+    cycle = iter(range(10**9))
+
+    def call():
+        index = next(cycle)
+        app.show(str(paths[index % len(paths)]), "gradcam", PREDICTED, 0.4, COMPARE, f"bench session {index}")
+
+    result = timings(call, repeats, warmup=2)
+    result["models"] = app.models.names
+    process = psutil.Process()
+    result["rss_before_mb"] = process.memory_info().rss / 2**20
+    for _ in tqdm(range(memory_requests), desc="compare requests (memory)", unit="request", leave=False):
+        call()
+    result["rss_after_mb"] = process.memory_info().rss / 2**20
+    result["memory_requests"] = memory_requests
+    return result
+
+
+# In the page: when the result's heatmap has arrived and is drawn (its <img> decoded), in ms
+# since the page's time origin. `selector` names the images that must all be there.
+_RENDERED_JS = """([selector, count, before]) => {
+  const images = [...document.querySelectorAll(selector)];
+  const done = images.length >= count && images.every(i => i.complete && i.naturalWidth > 0 && !before.includes(i.src));
+  return done ? performance.now() : false;
+}"""
+_RESOURCES_JS = """(since) => performance.getEntriesByType("resource").filter(e => e.startTime >= since)
+  .map(e => ({name: e.name, start: e.startTime, end: e.responseEnd}))"""
+
+
+def browser_timings(paths: list[Path], repeats: int, workdir: Path) -> dict:
+    """From upload to rendered result as a person meets it, in Chromium (Playwright, Debian's
+    /usr/bin/chromium), against the launched app: a 1-megapixel PNG X-ray uploaded with
+    Grad-CAM, and an example clicked in the compare view (every model's map). Each repeat is a
+    new page (a new session: a cold cache). Stage by stage: the upload request, the server's
+    phases (Gradio's profiler: queue wait, the handler, postprocess), the result images'
+    downloads; what is left is the event stream and drawing."""
+    from playwright.sync_api import sync_playwright
+
+    from covidxr.checkpoint import BUNDLED
+
+    megapixel = workdir / "xray-1mp.png"
+    gray, _ = load_image(paths[0])
+    from PIL import Image
+
+    Image.fromarray((np.clip(gray, 0, 1) * 255).astype(np.uint8)).resize((1000, 1000)).save(megapixel)
+    stages = {"upload": [], "total": [], "images": [], "compare": []}
+    server_phases = []
+    with AppProcess(environment={"GRADIO_PROFILING": "1"}) as app, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        for index in tqdm(range(repeats + 1), desc="browser", unit="page", leave=False):
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(app.url)
+            page.locator("#upload input[type=file]").wait_for(state="attached", timeout=60_000)
+            page.locator("#examples tbody tr").first.wait_for(timeout=60_000)
+            _server_profile(app.url, clear=True)  # the server's phases of this upload alone
+            start = page.evaluate("() => performance.now()")
+            page.locator("#upload input[type=file]").set_input_files(str(megapixel))
+            handle = page.wait_for_function(_RENDERED_JS, arg=["#overlay img", 1, []], timeout=60_000, polling=10)
+            end = handle.json_value()
+            resources = page.evaluate(_RESOURCES_JS, start)
+            phases = _server_profile(app.url)
+            # The compare view: one click on an example, every model's map drawn.
+            page.get_by_role("radio", name="Compare all").check()
+            page.wait_for_timeout(300)
+            start_compare = page.evaluate("() => performance.now()")
+            page.locator("#examples tbody tr").nth(index % 3).click()
+            handle = page.wait_for_function(_RENDERED_JS, arg=["#compare-view .compare-map img", len(BUNDLED), []],
+                                            timeout=120_000, polling=10)
+            compare_end = handle.json_value()
+            page.close()
+            if index == 0:
+                continue
+            uploads = [r for r in resources if "/upload" in r["name"] and "upload_progress" not in r["name"]]
+            images = [r for r in resources if "/file=" in r["name"]]
+            stages["total"].append(end - start)
+            stages["upload"].append(sum(r["end"] - r["start"] for r in uploads))
+            stages["images"].append(max((r["end"] for r in images), default=end) - min((r["start"] for r in images),
+                                                                                     default=end))
+            stages["compare"].append(compare_end - start_compare)
+            server_phases.append(phases)
+        browser.close()
+    server = {key: statistics.median(p[key] for p in server_phases) for key in server_phases[0]
+              if all(key in p for p in server_phases)}
+    result = {name: {"median": statistics.median(values), "p95": float(np.percentile(values, 95))}
+              for name, values in stages.items()}
+    result["server"] = server
+    result["runs"] = repeats
+    return result
+
+
 def _server_profile(url: str, clear: bool = False) -> dict:
     """Median milliseconds per phase of the requests Gradio's profiler saw (queue wait,
     preprocess, the handler, postprocess, total; uploads apart)."""
@@ -172,7 +273,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], compared=COMPARED,
-        batch_size: int = 32, data: Path | None = None, checkpoint: Path | None = None) -> dict:
+        batch_size: int = 32, data: Path | None = None, checkpoint: Path | None = None, browser: bool = True) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shipped = Predictor.load(checkpoint, device="cpu")
     size = shipped.config["input_size"]
@@ -198,8 +299,14 @@ def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], comp
             entry["train_images_per_s_gpu"] = training_throughput(arch, input_size, batch_size, 3 * train_steps,
                                                                   device)
         results["models"][arch] = entry
+    results["compare_view"] = compare_view(paths, max(5, repeats // 3), memory_requests=100 if with_app else 5)
     if with_app:
         results["app_round_trip"] = app_round_trip(paths, max(10, repeats))
+        if browser:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as workdir:
+                results["browser"] = browser_timings(paths, max(5, repeats // 3), Path(workdir))
     results["cpu_gflops"] = cpu_gflops()
     return results
 
@@ -274,6 +381,26 @@ def markdown(results: dict) -> str:
                       + f". The other {trip['median'] - server['total'] - server.get('upload', 0):.0f} ms of the "
                       "median round trip are the client's side: its requests, the event stream it polls "
                       "every 50 ms, and downloading the two images."]
+    view = results.get("compare_view")
+    if view:
+        growth = view["rss_after_mb"] / view["rss_before_mb"] - 1
+        lines += ["", f"Compare view ({', '.join(view['models'])}: each model's verdict and Grad-CAM for one image, "
+                  f"cold cache, the handler in one process): median {view['median']:.0f} ms, p95 {view['p95']:.0f} ms. "
+                  f"Memory over {view['memory_requests']} more compare requests: {view['rss_before_mb']:.0f} -> "
+                  f"{view['rss_after_mb']:.0f} MiB ({growth:+.1%})."]
+    if "browser" in results:
+        seen = results["browser"]
+        server = seen.get("server") or {}
+        lines += ["", f"In Chromium (1280x800, a new page each time, {seen['runs']} runs, medians): a 1-megapixel PNG "
+                  f"X-ray from upload to its Grad-CAM drawn: **{seen['total']['median']:.0f} ms** "
+                  f"(p95 {seen['total']['p95']:.0f}); the upload request {seen['upload']['median']:.0f} ms, "
+                  + ", ".join(f"{label} {server[key]:.0f} ms" for key, label in (
+                      ("queue_wait", "queue wait"), ("preprocess", "preprocess"),
+                      ("fn_call", "the handler (decode, model, Grad-CAM, lung mask, overlay)"),
+                      ("postprocess", "postprocess (JPEG encoding)")) if key in server)
+                  + f" (the server's phases of the upload), the result images' download "
+                  f"{seen['images']['median']:.0f} ms. An example click in the compare view to every model's map "
+                  f"drawn: **{seen['compare']['median']:.0f} ms** (p95 {seen['compare']['p95']:.0f})."]
     return "\n".join(lines)
 
 
@@ -283,7 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="few repeats, small batches, no app, Grad-CAM only")
     parser.add_argument("--compare", nargs="*", default=list(COMPARED), help="architectures run beside the shipped one")
-    parser.add_argument("--no-app", action="store_true", help="skip the app round trip")
+    parser.add_argument("--no-app", action="store_true", help="skip the app round trip and the browser")
+    parser.add_argument("--no-browser", action="store_true", help="skip the browser timings (Chromium)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="benchmark this classifier instead of the shipped one (the app round trip always "
                              "serves the shipped one)")
@@ -297,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.repeats, args.train_steps, args.no_app, methods, batch_size = 3, 1, True, ["gradcam"], 4
     results = run(args.repeats, args.train_steps, not args.no_app, methods, args.compare, batch_size, args.data,
-                  args.checkpoint)
+                  args.checkpoint, browser=not args.no_browser)
     section = markdown(results)
     print(section)
     if args.json:

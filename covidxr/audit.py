@@ -51,7 +51,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from .checkpoint import update_config
+from .checkpoint import checkpoint_path, update_config
 from .data import data_dir, load_grayscale, parse_filters, read_manifest, select
 from .evaluate import add_split_options, rows_to_score, split_file_for
 from .framing import uses_lungs
@@ -277,7 +277,7 @@ def _lowest_sheet(predictor: Predictor, table: pd.DataFrame, frame: pd.DataFrame
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=None, help="classifier (default: the shipped model)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None, help="classifier (default: the shipped model)")
     parser.add_argument("--lungs", default=None, help="lung checkpoint (default: the shipped one)")
     parser.add_argument("--data", default=None,
                         help="data folder with manifest.csv (default: $COVIDXR_DATA, else ../shared/data/cxr)")
@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="only the rows of this split of the split file (e.g. val, to choose between runs)")
     parser.add_argument("--hand-masks", action="store_true",
                         help="only measure the COVID map's lung focus against the hand-drawn masks")
+    parser.add_argument("--store-focus", action="store_true",
+                        help="with --hand-masks: store the result in the description of --checkpoint (its card "
+                             "in the app shows it; required: the packaged weights are not rewritten by default)")
     parser.add_argument("--occlusion", action="store_true",
                         help="only the occlusion check: COVID AUROC with the lungs blanked and with all but them blanked")
     parser.add_argument("--store-notice", action="store_true",
@@ -300,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "the description of --checkpoint (required: the packaged weights are not rewritten "
                              "by default)")
     args = parser.parse_args(argv)
+    if args.store_focus and not (args.hand_masks and args.checkpoint):
+        parser.error("--store-focus stores what --hand-masks measures into the checkpoint named by --checkpoint")
     if args.store_notice:
         if not args.checkpoint:
             parser.error("--store-notice writes into a checkpoint: name it with --checkpoint "
@@ -335,6 +340,12 @@ def main(argv: list[str] | None = None) -> dict:
                    "share_above_half": float((focus["lung_focus"] > 0.5).mean())}
         (out / "hand_drawn_focus.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
+        if args.store_focus:
+            update_config(checkpoint, {"lung_focus": {
+                "mean": summary["lung_focus_mean"], "chance": summary["chance_mean"], "images": summary["images"],
+                "method": args.method, "target": "covid", "split": args.split or "unseen rows of the split file",
+                "masks": "hand-drawn (manifest column lung_mask)"}})
+            print(f"stored in {checkpoint}")
         return {"hand_drawn": focus, "summary": summary, "out": out}
     if args.occlusion:
         out = Path(args.out)

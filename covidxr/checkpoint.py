@@ -56,6 +56,10 @@ class Description(TypedDict, total=False):
     #                `calibration` as they were then; see `stale`
     ood: dict  # the not-a-chest-X-ray check (ood.py): its statistics' description and thresholds
     lung_focus_notice: dict  # the lungs-outside notice: its rule (chance), how often it fires, the split measured on
+    lung_focus: dict  # the COVID map's share inside hand-drawn lung masks on unseen X-rays, with its chance level
+    #                   (audit --hand-masks --store): {"mean", "chance", "images", "method", "split", "command"}
+    card: dict  # for people choosing a model: {"name", "title", "summary", "shortcut"} (plain words; the
+    #             numbers are the fields above)
     stale: dict[str, str]  # measured fields whose inputs changed since they were measured: field -> why.
     #                        A stale field is history, not a description of the model as it decides now.
 
@@ -73,6 +77,26 @@ MEASURED_UNDER = {"metrics": ("decision", "calibration"),
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, malformed, or does not fit the model it describes."""
+
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# The classifiers that ship in the package, by the names `Predictor.load`, every `--checkpoint`
+# and the app take. The first is the default. Each file describes itself (its "card" says what it
+# is for and what it is known to read besides the lungs).
+BUNDLED = {"whole-image": "covidxr-cxrnet.safetensors",
+           "lung-reader": "covidxr-lungreader.safetensors",
+           "recipe-2020": "covidxr-2020.safetensors"}
+DEFAULT_MODEL = next(iter(BUNDLED))
+
+
+def checkpoint_path(name_or_path: str | Path | None = None) -> Path:
+    """The file of a bundled model's name (`BUNDLED`), or the path as given; None: the default
+    model. A file of that name in the working folder wins over the bundled one."""
+    if name_or_path is None or name_or_path == "":
+        return WEIGHTS_DIR / BUNDLED[DEFAULT_MODEL]
+    if str(name_or_path) in BUNDLED and not Path(name_or_path).exists():
+        return WEIGHTS_DIR / BUNDLED[str(name_or_path)]
+    return Path(name_or_path)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict,
@@ -209,3 +233,27 @@ def _matches(value, hint) -> bool:
 
 def _name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`covidxr describe`: print a checkpoint's description (without its weights); with --card,
+    set the plain-words card the app shows when the model is picked."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split(";")[0].replace("`covidxr describe`: ", ""))
+    parser.add_argument("checkpoint", type=checkpoint_path, nargs="?", metavar="FILE_OR_NAME",
+                        help=f"a checkpoint file or a bundled model's name ({', '.join(BUNDLED)}; default "
+                             f"{DEFAULT_MODEL})")
+    parser.add_argument("--card", metavar="JSON_FILE",
+                        help='store this card: {"name", "title", "summary", "shortcut"}; weights untouched')
+    args = parser.parse_args(argv)
+    path = args.checkpoint or checkpoint_path()
+    if args.card:
+        card = json.loads(Path(args.card).read_text())
+        missing = [key for key in ("name", "title", "summary", "shortcut") if not isinstance(card.get(key), str)]
+        if missing:
+            parser.error(f"{args.card}: the card lacks {', '.join(missing)} (text each)")
+        update_config(path, {"card": card})
+    config = read_config(path)
+    print(json.dumps(config, indent=2))
+    return config

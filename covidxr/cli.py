@@ -30,6 +30,7 @@ COMMANDS = {
     "segment": ("covidxr.segment", "train the lung U-Net, or draw its masks on a contact sheet"),
     "ood": ("covidxr.ood_measure", "fit, measure and store the not-a-chest-X-ray check"),
     "hospitals": ("covidxr.hospitals", "how often a model calls adults of hospitals it never saw COVID"),
+    "describe": ("covidxr.checkpoint", "print a checkpoint's description; --card sets what the app says of it"),
     "examples": ("covidxr.examples", "fetch the bundled example X-rays (sha256-checked)"),
     "data": ("covidxr.download", "data download: fetch the training images from their public sources"),
     "bench": ("benchmarks.bench", "speed benchmark (from a checkout: benchmarks/ is not installed)"),

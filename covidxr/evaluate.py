@@ -31,7 +31,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, roc_auc_sc
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from .checkpoint import update_config  # noqa: E402
+from .checkpoint import checkpoint_path, update_config  # noqa: E402
 from .data import data_dir, load_grayscale, parse_filters, patient_groups, read_manifest, select  # noqa: E402
 from .predictor import SHIPPED_CHECKPOINT, Predictor  # noqa: E402
 
@@ -430,7 +430,7 @@ def write_gallery(predictor: Predictor, frame: pd.DataFrame, report: dict, out_d
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None, help="safetensors checkpoint (default: the shipped model)")
     parser.add_argument("--data", default=None,
                         help="data folder with manifest.csv (default: $COVIDXR_DATA, else ../shared/data/cxr)")
     parser.add_argument("--manifest", default=None,

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .checkpoint import checkpoint_path
 from .download import DownloadError, fetch_verified, mirrored
 
 EXAMPLES_CSV = Path(__file__).resolve().parent / "lists" / "examples.csv"
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                              "else ~/.cache/covidxr/examples; the app shows them from there)")
     parser.add_argument("--mirror", default=None, metavar="URL",
                         help="with --download: replace the URLs' scheme and host by this one (as `covidxr data download`)")
-    parser.add_argument("--checkpoint", default=None, help="with --describe: the model (default: the shipped one)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None, help="with --describe: the model (default: the shipped one)")
     args = parser.parse_args(argv)
 
     if args.describe:

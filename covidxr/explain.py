@@ -195,10 +195,30 @@ class Explainer:
         """`max_side`: shrink what is returned (image, heatmap, lung mask, overlay) to at most
         this many pixels a side. The prediction always comes from the full-size image; a 2,000-px
         X-ray shown in a 500-px box costs its colour mapping, encoding and transfer for nothing."""
+        gray, colour = load_image(image)
+        small, framed, deciding, probabilities, features, _ = self.network_map(gray, method, target)
+        shown = shrink(gray, max_side)
+        return Explanation(
+            # The map covers what the network read (the lungs' box): put it back on the image.
+            heatmap=to_image_frame(small, framed, shown.shape),
+            target=deciding.target,
+            method=method,
+            prediction=self.predictor.prediction(probabilities, features, gray, colour, framed),
+            image=shown,
+            opacity=opacity,
+            segmenter=self.predictor.segmenter,
+            framing=framed,
+            notice_rule=notice_rule(self.predictor.config),
+            same_methods=identical_methods(self.predictor.config),
+        )
+
+    def network_map(self, gray: np.ndarray, method: str = "gradcam", target: str | None = None):
+        """(the map at the network's input size, where the input was cut from, the explained
+        target, the probabilities (C,), the penultimate features, the network's input tensor)
+        for a loaded grayscale image."""
         if target is not None and target not in self.predictor.classes:
             raise ValueError(f"unknown class {target!r}; choose from {self.predictor.classes}")
         cam = self.cam(method)
-        gray, colour = load_image(image)
         tensor, framed = self.predictor.view(gray)
         inputs = self.predictor.model_input(tensor[None])
         deciding = _DecidingTarget(self.predictor, target)
@@ -220,20 +240,7 @@ class Explainer:
         probabilities = torch.softmax(logits, dim=-1).cpu().numpy()
         cam.outputs = None
         self.hooks.clear()
-        shown = shrink(gray, max_side)
-        return Explanation(
-            # The map covers what the network read (the lungs' box): put it back on the image.
-            heatmap=to_image_frame(small, framed, shown.shape),
-            target=deciding.target,
-            method=method,
-            prediction=self.predictor.prediction(probabilities, features, gray, colour, framed),
-            image=shown,
-            opacity=opacity,
-            segmenter=self.predictor.segmenter,
-            framing=framed,
-            notice_rule=notice_rule(self.predictor.config),
-            same_methods=identical_methods(self.predictor.config),
-        )
+        return small, framed, deciding, probabilities, features, inputs
 
 
 def _start_graph_here(module, inputs, output):

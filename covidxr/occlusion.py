@@ -15,6 +15,10 @@ with the lungs blanked reads something else: a border, a text marker, the look o
 
 The page's eraser blanks what a person paints (a side marker, a text label, a tube) with the
 same fill.
+
+The deletion curve asks the map itself: remove its hottest pixels first and watch the explained
+class's probability fall, against removing as many pixels at random (`deletion_curve`:
+pytorch-grad-cam's ROAD metric).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import load_grayscale
+from .data import load_grayscale, load_image
 from .framing import dilate, uses_lungs
 
 # The lungs are dilated by this share of the image's longer side before blanking, so the lung
@@ -34,6 +38,8 @@ OCCLUSIONS = (AS_IS, OUTSIDE_LEFT, LUNGS_LEFT)
 PAINTED_OVER = "painted over"
 # What the page and the API call the two blanked views.
 BLANKED = {"lungs": OUTSIDE_LEFT, "outside": LUNGS_LEFT}
+# Shares of the network's input removed for the deletion curve, hottest pixels first.
+DELETED = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
 def blanked(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -90,3 +96,88 @@ def _tested(predictor, image, views: dict[str, np.ndarray]) -> OcclusionTest:
     predictions = {name: predictor.predict(image if name == AS_IS else view) for name, view in views.items()}
     return OcclusionTest(views, {name: dict(p.probabilities) for name, p in predictions.items()},
                          {name: p.decided for name, p in predictions.items()}, predictions[AS_IS].not_an_xray)
+
+
+@dataclass
+class DeletionCurve:
+    """The explained class's probability as a share of the network's input is removed: the
+    map's hottest pixels first (`by_map`), or as many pixels chosen at random (`at_random`)."""
+
+    target: str
+    method: str
+    removed: tuple[float, ...]
+    as_is: float
+    by_map: list[float]
+    at_random: list[float]
+
+    @property
+    def gap(self) -> float:
+        """How much lower the probability stays, on average over the shares removed, when the map
+        chooses what goes than when chance does: about 0 for a map that points at nothing the
+        model uses."""
+        return float(np.mean(self.at_random) - np.mean(self.by_map))
+
+
+def deletion_curve(predictor, image, method: str = "gradcam", target: str | None = None,
+                   removed: tuple[float, ...] = DELETED, seed: int = 0) -> DeletionCurve:
+    """Remove the map's hottest pixels of the network's input, then as many random ones, and
+    predict again each time: pytorch-grad-cam's ROAD (ROADMostRelevantFirst: remove and debias,
+    Rong et al. 2022). Removed pixels are filled by noisy linear interpolation from their
+    neighbours, so the hole's shape leaves the network nothing to read. Ties in the map (the
+    flat zero of a ReLU'd Grad-CAM) are broken at random, so each share removes that share."""
+    from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
+    import torch
+
+    gray, _ = load_image(image)
+    with predictor.lock:
+        explainer = predictor.explainer
+        small, _, deciding, probabilities, _, inputs = explainer.network_map(gray, method, target)
+        index = predictor.classes.index(deciding.target)
+        rng = np.random.default_rng(seed)
+        maps = {"map": small + rng.random(small.shape, dtype=np.float32) * 1e-6,
+                "random": rng.random(small.shape, dtype=np.float32)}
+
+        def probability(logits):
+            return torch.softmax(logits.float() / predictor.temperature, dim=-1)[index]
+
+        curves = {name: [] for name in maps}
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)  # the imputer's noise
+            for share in removed:
+                metric = ROADMostRelevantFirst(percentile=100 * (1 - share))
+                for name, cam in maps.items():
+                    after = metric(inputs, cam[None], [probability], explainer.model, return_diff=False)
+                    curves[name].append(float(np.asarray(after).reshape(-1)[0]))
+        explainer.hooks.clear()
+    return DeletionCurve(deciding.target, method, tuple(removed), float(probabilities[index]), curves["map"],
+                         curves["random"])
+
+
+def plot_deletion(curves: dict[str, DeletionCurve]):
+    """The deletion curves as a PIL image: one colour per model, solid when the map picks what is
+    removed, dashed when chance does. (matplotlib's Figure, not pyplot: no global state shared
+    between the app's threads.)"""
+    import io
+
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    figure = Figure(figsize=(5.2, 3.0 + 0.3 * len(curves)), dpi=110, layout="constrained")
+    axes = figure.subplots()
+    colours = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
+    for (name, curve), colour in zip(curves.items(), colours):
+        shares = (0.0, *curve.removed)
+        label = f"{name}: " if len(curves) > 1 else ""
+        axes.plot(shares, (curve.as_is, *curve.by_map), "-o", color=colour, markersize=3,
+                  label=f"{label}{curve.target}, the map's hottest first")
+        axes.plot(shares, (curve.as_is, *curve.at_random), "--", color=colour, alpha=0.7,
+                  label=f"{label}{curve.target}, at random")
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="share of the input removed", ylabel="probability")
+    axes.xaxis.set_major_formatter("{x:.0%}")
+    axes.yaxis.set_major_formatter("{x:.0%}")
+    axes.grid(alpha=0.3)
+    figure.legend(fontsize=7, loc="outside lower center", frameon=False)  # below the plot: no curve hidden
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")

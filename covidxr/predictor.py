@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import BUNDLED, DEFAULT_MODEL, CheckpointError, checkpoint_path, load_checkpoint, read_config
 from .data import load_grayscale, load_image, normalise
 from .framing import Framing, frame, uses_lungs
 from .model import build_model, fold_batch_norms
@@ -24,7 +24,7 @@ from .ood import FeatureHook, OutOfDistribution
 from .report import Verdict, decision_rule, verdict
 from .xray_check import XrayCheck
 
-SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "covidxr-cxrnet.safetensors"
+SHIPPED_CHECKPOINT = checkpoint_path()  # the default of the bundled models (checkpoint.BUNDLED)
 # Which patients of ../shared/data/cxr it was trained, tuned and tested on (no images).
 SHIPPED_SPLIT = SHIPPED_CHECKPOINT.with_suffix(".split.csv")
 
@@ -94,10 +94,11 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None) -> "Predictor":
-        """The shipped model, or the checkpoint at `path`, ready to predict: its batch norms are
-        folded into the convolutions (`model.fold_batch_norms`). To train or save weights, build
-        the network from `load_checkpoint` instead."""
-        path = Path(path) if path else SHIPPED_CHECKPOINT
+        """The shipped model, a bundled one by name ("lung-reader", "recipe-2020": checkpoint.BUNDLED)
+        or the checkpoint at `path`, ready to predict: its batch norms are folded into the
+        convolutions (`model.fold_batch_norms`). To train or save weights, build the network from
+        `load_checkpoint` instead."""
+        path = checkpoint_path(path)
         state, config = load_checkpoint(path)
         ood = OutOfDistribution.from_checkpoint(state, config)
         model = build_model(config["arch"], len(config["classes"]))
@@ -249,12 +250,24 @@ class Predictor:
         """A class activation map for `target` (default: the predicted class), at the image's size
         or at most `max_side` pixels a side; see explain.py."""
         with self.lock:
+            return self.explainer.explain(image, method=method, target=target, opacity=opacity, max_side=max_side)
+
+    @property
+    def explainer(self):
+        """The CAM maker (explain.Explainer), built on first use: its own copy of the network."""
+        with self.lock:
             if self._explainer is None:
                 from .explain import Explainer
 
                 self._explainer = Explainer(self)  # its copy of the network keeps the forward checks
-            return self._explainer.explain(image, method=method, target=target, opacity=opacity,
-                                           max_side=max_side)
+            return self._explainer
+
+    def deletion_curve(self, image, method: str = "gradcam", target: str | None = None):
+        """How fast `target`'s probability (default: the decided class) falls as the map's hottest
+        pixels are removed, against removing as many at random (occlusion.deletion_curve)."""
+        from .occlusion import deletion_curve
+
+        return deletion_curve(self, image, method, target)
 
     def occlusion(self, image, painted=None):
         """The image predicted as it is, with its lungs blanked and with all but its lungs
@@ -275,3 +288,68 @@ class Predictor:
             results += [self.prediction(p, f, gray, colour, framed)
                         for p, f, (gray, colour), (_, framed) in zip(probabilities, features, loaded, views)]
         return results
+
+
+class ModelShelf:
+    """Predictors by name, each loaded the first time it is used (the app offers several, and a
+    visitor may never pick one). `on_load(predictor)` runs once per loaded model (the app adds its
+    cancellation check there). The first name is the default."""
+
+    def __init__(self, paths: dict[str, Path | None], on_load=None, loaded: dict[str, Predictor] | None = None):
+        if not paths:
+            raise CheckpointError("no model to serve")
+        # A model given already loaded (`loaded`) needs no path.
+        self.paths = dict(paths)
+        self._loaded: dict[str, Predictor] = dict(loaded or {})
+        self.configs = {name: self._loaded[name].config if name in self._loaded else read_config(path)
+                        for name, path in self.paths.items()}  # headers only: no weights loaded yet
+        self.on_load = on_load
+        self._lock = threading.Lock()
+
+    @classmethod
+    def bundled(cls, default: str | None = None, **kwargs) -> "ModelShelf":
+        """The bundled models whose files are present (checkpoint.BUNDLED), `default` first."""
+        names = [name for name in BUNDLED if checkpoint_path(name).is_file()]
+        default = default or DEFAULT_MODEL
+        names = sorted(names, key=lambda name: name != default)
+        return cls({name: checkpoint_path(name) for name in names}, **kwargs)
+
+    @classmethod
+    def of(cls, checkpoint: str | Path | None = None, **kwargs) -> "ModelShelf":
+        """For `--checkpoint`: every bundled model with the named one first, or a checkpoint file
+        of one's own alone (by its file name)."""
+        path = checkpoint_path(checkpoint)
+        for name in BUNDLED:
+            if checkpoint_path(name).resolve() == path.resolve():
+                return cls.bundled(name, **kwargs)
+        return cls({path.stem: path}, **kwargs)
+
+    def on_each(self, prepare) -> None:
+        """Run `prepare(predictor)` on each model loaded so far, and on each loaded later."""
+        with self._lock:
+            self.on_load = prepare
+            for predictor in self._loaded.values():
+                prepare(predictor)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.paths)
+
+    @property
+    def default(self) -> str:
+        return self.names[0]
+
+    def title(self, name: str) -> str:
+        return (self.configs[name].get("card") or {}).get("title") or name
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and name in self.paths
+
+    def __getitem__(self, name: str) -> Predictor:
+        with self._lock:
+            if name not in self._loaded:
+                predictor = Predictor.load(self.paths[name])
+                if self.on_load:
+                    self.on_load(predictor)
+                self._loaded[name] = predictor
+            return self._loaded[name]

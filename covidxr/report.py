@@ -191,6 +191,22 @@ def markdown(v: Verdict) -> str:
     return text
 
 
+def brief(v: Verdict) -> str:
+    """A short account, for one model's column in the compare view: the headline, the class the
+    map explains, its lung focus against an even spread, and the notice's first sentence."""
+    if v.status == ERROR:
+        return f"**{ERROR_HEADLINE}** {_escape(v.error)}"
+    text = f"**{v.headline}**"
+    if v.target:
+        text += f"  \nMap: evidence for {v.target}" + (" (not the prediction)" if v.explained_other_class else "")
+    if v.lung_focus is not None:
+        chance = f" (even spread {v.chance_focus:.0%})" if v.chance_focus is not None else ""
+        text += f"  \nLung focus **{v.lung_focus:.0%}**{chance}"
+    if v.notice:
+        text += f"\n\n> {v.notice.split('. ', 1)[0]}."
+    return text
+
+
 def label_output(v: Verdict) -> dict:
     """The label field's value: the shown label, and the probabilities as bars for a result only
     (a refusal names no class, and its probabilities are no reading)."""

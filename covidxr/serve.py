@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import ctypes
+import hashlib
 import html
 import logging
 import math
@@ -45,19 +46,30 @@ from PIL import Image
 from starlette.middleware import Middleware
 
 from . import report
-from .checkpoint import current
+from .checkpoint import checkpoint_path, current
 from .data import ImageLoadError
 from .examples import FETCH_COMMAND, available_examples
 from .explain import METHODS, identical_methods, shrink
 from .legend import LEGEND_HTML
 from .limits import ClientLimits, OneAtATime, send_json, stop_if_cancelled
 from .logins import LoginGuard, read_logins
-from .occlusion import AS_IS, BLANKED, LUNGS_LEFT, OUTSIDE_LEFT, PAINTED_OVER
-from .predictor import Predictor
+from .occlusion import AS_IS, BLANKED, LUNGS_LEFT, OUTSIDE_LEFT, PAINTED_OVER, plot_deletion
+from .predictor import ModelShelf, Predictor
 from .report import DEFAULT_NOTICE, METHOD_LABELS, NOT_AN_XRAY, NOT_AN_XRAY_HEADLINE, notice_rule  # noqa: F401
 from .sessions import KEPT_FOR_S, KeptMaps, Shown
 
 PREDICTED = "predicted class"
+COMPARE = "compare"  # the model choice that shows every model side by side
+COMPARE_INTRO = ("**Every model on the same X-ray.** Each map shows where that model's evidence lies; lung focus "
+                 "is the share of it on the lungs, against an even spread. A model can be right for the wrong "
+                 "reason: compare where they look, then test it below. MODEL_CARD.md has their measured numbers.")
+# What the page's handlers return, in order (build's `outputs`), then three per compare column
+# (its text, probabilities and map) when there are several models.
+PAGE_OUTPUTS = ("probabilities", "original", "overlay", "summary", "kept", "occlusion_result", "occluded", "eraser",
+                "deletion_result", "deletion_plot", "card", "facts", "single_view", "compare_view")
+LUNG_READER_MAP_TEST = ("This model reads only the lungs' box, found by the lung model: with the lungs blanked there "
+                        "is nothing left for it to read. Its map cannot stray outside the lungs; the eraser still "
+                        "tests what lies inside the box.")
 NOTICE = ("**Research and teaching tool, not a medical device.** Not validated for clinical use: "
           "do not use it to diagnose, treat or triage anyone.")
 # Uploads above this are refused by the server before they reach the model.
@@ -128,6 +140,27 @@ SHOW_RESULT_JS = """() => {
 }"""
 
 
+def model_card(config: dict) -> str:
+    """What a model is, in a few lines for a student, from its checkpoint: its card (what it was
+    trained on and the shortcut it is known to take), its test numbers and its lung focus."""
+    card = config.get("card") or {}
+    lines = [f"**{card.get('title', config['arch'])}.** {card.get('summary', '')}".strip()]
+    metrics = current(config, "metrics") or {}
+    if "covid" in metrics:
+        numbers = (f"Test ({metrics['n']} unseen X-rays): COVID AUROC {metrics['covid']['auroc']:.3f}, "
+                   f"sensitivity {metrics['covid']['sensitivity']:.2f}, specificity {metrics['covid']['specificity']:.2f}")
+        if metrics.get("adult_normals_called_covid") is not None:
+            numbers += f"; adult normals called COVID {metrics['adult_normals_called_covid']:.0%}"
+        lines.append(numbers + ".")
+    focus = config.get("lung_focus")
+    if focus:
+        lines.append(f"Lung focus of its COVID maps: **{focus['mean']:.0%}** against hand-drawn lung masks "
+                     f"(an even spread: {focus['chance']:.0%}; {focus['images']} unseen X-rays).")
+    if card.get("shortcut"):
+        lines.append(f"*Known shortcut:* {card['shortcut']}")
+    return "  \n".join(lines)
+
+
 def method_choices(config: dict) -> list[tuple[str, str]]:
     """(label, method) for the method menu: methods that draw the very same map on this network
     (explain.identical_methods) are one entry, named for all of them."""
@@ -181,16 +214,30 @@ def notice_facts(config: dict) -> str:
 
 
 class XrayApp:
-    def __init__(self, predictor: Predictor, examples_dir: Path | None = None):
-        self.predictor = predictor
+    def __init__(self, predictor: Predictor | None = None, examples_dir: Path | None = None,
+                 models: ModelShelf | None = None):
+        # One model (a Predictor given, as with a checkpoint of one's own) or a shelf of several
+        # (the bundled ones): a visitor picks one, or compares them all (COMPARE).
+        self.models = models or ModelShelf({"model": None}, loaded={"model": predictor})
+        self.models.on_each(lambda loaded: loaded.add_forward_check(stop_if_cancelled))  # a cancel stops at the next pass
+        self.predictor = self.models[self.models.default]  # the examples' captions; the API's default
         self.examples = available_examples(examples_dir) if examples_dir else available_examples()
         self.demo = None  # the Blocks, once built
-        self.kept = KeptMaps()  # each page session's last map, by key (sessions.py)
-        self.one_at_a_time = OneAtATime(predictor.lock)
-        predictor.add_forward_check(stop_if_cancelled)  # a cancelled analysis stops at its next pass
+        self.kept = KeptMaps()  # each page session's analyses, by key (sessions.py)
+        self.one_at_a_time = OneAtATime(self.predictor.lock)
         self.limits = ClientLimits(MAX_JOBS_PER_CLIENT)
 
-    def problems(self, method, explain_class, opacity) -> dict[str, str]:
+    @property
+    def classes(self) -> list[str]:
+        """Every class of the models offered, in order (the explained-class choices)."""
+        return list(dict.fromkeys(c for name in self.models.names for c in self.models.configs[name]["classes"]))
+
+    @property
+    def views(self) -> list[str]:
+        """What the model choice may name: a model, or COMPARE when there are several."""
+        return self.models.names + ([COMPARE] if len(self.models.names) > 1 else [])
+
+    def problems(self, method, explain_class, opacity, view=None, views=None) -> dict[str, str]:
         """What is wrong with a request's settings, by parameter name; empty when nothing is.
         The API accepts any JSON, so nothing is assumed of the types, and a refused value is
         quoted short: a 100,000-character one does not come back."""
@@ -199,31 +246,46 @@ class XrayApp:
             problems["method"] = (f"Unknown explanation method {_quoted(method)}; choose one of "
                                   f"{', '.join(METHODS)}.")
         if not (explain_class in (None, "") or isinstance(explain_class, str)
-                and explain_class in (PREDICTED, *self.predictor.classes)):
+                and explain_class in (PREDICTED, *self.classes)):
             problems["explain_class"] = (f"Unknown class {_quoted(explain_class)}; choose one of "
-                                         f"{', '.join([PREDICTED, *self.predictor.classes])}.")
+                                         f"{', '.join([PREDICTED, *self.classes])}.")
         if isinstance(opacity, bool) or not isinstance(opacity, (int, float)) or not 0 <= opacity <= 1 \
                 or not math.isfinite(opacity):
             problems["opacity"] = f"Opacity must be a number from 0 to 1, not {_quoted(opacity)}."
+        views = self.views if views is None else views
+        if view not in (None, "") and not (isinstance(view, str) and view in views):
+            problems["model"] = f"Unknown model {_quoted(view)}; choose one of {', '.join(views)}."
         return problems
 
-    def admit(self, file, method, explain_class, opacity):
+    def admit(self, file, method, explain_class, opacity, view=None):
         """Gradio's validator, run before a request joins the queue: refused settings never take
         a place. (For an example click, `file` is the example's number.) The cap per client is
         counted as the job joins (limits.ClientLimits)."""
-        problems = self.problems(method, explain_class, opacity)
-        names = ("file", "method", "explain_class", "opacity")
+        problems = self.problems(method, explain_class, opacity, view)
+        names = ("file", "method", "explain_class", "opacity", "model")[:5 if view is not None else 4]
         return [gr.validate(name not in problems, html.escape(problems.get(name, ""), quote=False))
                 for name in names]
 
-    def admit_occlusion(self, file, blanked=None):
-        """The validator of a map test: which side to blank, checked before the job joins."""
-        problem = "" if blanked is None or blanked in BLANKED else \
-            f"Blank {' or '.join(map(repr, BLANKED))}, not {_quoted(blanked)}."
+    def admit_occlusion(self, file, *settings):
+        """The validator of a map test: which side to blank and which model, checked before the
+        job joins. (`settings`: the view on the page; (blanked, model) through the API.)"""
         checks = [gr.validate(True, "")]
-        return checks if blanked is None else [*checks, gr.validate(not problem, html.escape(problem, quote=False))]
+        if len(settings) == 2:
+            blanked, model = settings
+            problem = "" if blanked in BLANKED else f"Blank {' or '.join(map(repr, BLANKED))}, not {_quoted(blanked)}."
+            checks.append(gr.validate(not problem, html.escape(problem, quote=False)))
+            settings = (model,)
+        problem = self.problems("gradcam", PREDICTED, 0.4, *settings).get("model", "") if settings else ""
+        return checks + [gr.validate(not problem, html.escape(problem, quote=False)) for _ in settings]
 
-    def admit_opacity(self, shown, opacity):
+    def admit_settings(self, file, method, explain_class, view):
+        """The validator of a deletion curve: method, class and model checked before the job joins."""
+        problems = self.problems(method, explain_class, 0.4, view)
+        return [gr.validate(True, "")] + [gr.validate(name not in problems, html.escape(problems.get(name, ""),
+                                                                                        quote=False))
+                                          for name in ("method", "explain_class", "model")]
+
+    def admit_opacity(self, kept, opacity):
         """The validator of a re-blend: the opacity checked as for an analysis."""
         problem = self.problems("gradcam", PREDICTED, opacity).get("opacity", "")
         return [gr.validate(True, ""), gr.validate(not problem, html.escape(problem, quote=False))]
@@ -239,53 +301,64 @@ class XrayApp:
             self.limits.ended(client)
 
     # The page's and the API's handlers: each runs its plain method below through `served`.
-    async def serve_analyse(self, file, method, explain_class, opacity, request: gr.Request):
-        return await self.served(request, self.analyse, file, method, explain_class, opacity)
+    async def serve_analyse(self, file, method, explain_class, opacity, model, request: gr.Request):
+        return await self.served(request, self.analyse, file, method, explain_class, opacity, model)
 
-    async def serve_upload(self, file, method, explain_class, opacity, request: gr.Request):
-        return await self.served(request, self.show_new, file, method, explain_class, opacity)
+    async def serve_upload(self, file, method, explain_class, opacity, view, request: gr.Request):
+        return await self.served(request, self.show_new, file, method, explain_class, opacity, view,
+                                 _session(request))
 
-    async def serve_reanalyse(self, file, method, explain_class, opacity, request: gr.Request):
-        return await self.served(request, self.reanalyse, file, method, explain_class, opacity)
+    async def serve_reanalyse(self, file, method, explain_class, opacity, view, request: gr.Request):
+        return await self.served(request, self.reanalyse, file, method, explain_class, opacity, view,
+                                 _session(request))
 
-    async def serve_example(self, index, method, explain_class, opacity, request: gr.Request):
-        return await self.served(request, self.analyse_example, index, method, explain_class, opacity)
+    async def serve_example(self, index, method, explain_class, opacity, view, request: gr.Request):
+        return await self.served(request, self.analyse_example, index, method, explain_class, opacity, view,
+                                 _session(request))
 
-    async def serve_reblend(self, shown, opacity, request: gr.Request):
-        return await self.served(request, self.reblend, shown, opacity)
+    async def serve_reblend(self, kept, opacity, request: gr.Request):
+        return await self.served(request, self.reblend, kept, opacity)
 
-    def analyse(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
-        """(label, original, overlay, summary) for an uploaded file path: the `/predict` API.
+    def analyse(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4,
+                model: str | None = None):
+        """(label, original, overlay, summary) for an uploaded file path and one model (default:
+        the default model): the `/predict` API.
 
         The label is the decided class (the checkpoint's rule, which under a threshold is not
         always the most probable class) with the probabilities by class; for an input the check
         calls no chest X-ray, it is the refusal, with no class name (the summary then gives the
         probabilities as detail)."""
+        problems = self.problems(method, explain_class, opacity, model, views=self.models.names)
+        if problems:
+            raise gr.Error(html.escape(" ".join(problems.values()), quote=False), print_exception=False)
         # No map kept: the API never re-blends, and its calls would push page visitors' maps out
         # of the shared table (MOST_KEPT) and hold up to 48 of them in memory for KEPT_FOR_S.
-        label, original, overlay_image, summary, _ = self.analyse_and_keep(file, method, explain_class, opacity,
-                                                                           keep=False)
-        return label, original, overlay_image, summary
+        shown = self.analysed(file, model or self.models.default, method, explain_class, opacity)
+        return label_data(shown.verdict), Image.fromarray(shown.image), shown.overlay(float(opacity)), \
+            self.summary(shown.verdict, model or self.models.default, explain_class)
 
-    def analyse_and_keep(self, file, method: str = "gradcam", explain_class: str = PREDICTED,
-                         opacity: float = 0.4, *, keep: bool = True):
-        """`analyse`'s four outputs, and the key of what is kept for re-blending (sessions.py).
-        What is said is the analysis's verdict (report.py), as everywhere else. The label always
-        goes out as a plain value, never as a component update: Gradio postprocesses an update
-        with a fresh copy of the component, which would lose the decided class (`_decided_as_is`).
-        A refused input's label is the refusal alone, with no probability bars (the summary gives
-        them as greyed detail). A file that cannot be analysed raises `gr.Error` with the reason."""
+    def analysed(self, file, model: str, method: str = "gradcam", explain_class: str = PREDICTED,
+                 opacity: float = 0.4, session: str | None = None) -> Shown:
+        """One model's analysis of a file, as shown (sessions.Shown, with its verdict). With a
+        `session`, kept for that page session: the same file, model, method and class asked again
+        is not run again. What is said is the analysis's verdict (report.py), as everywhere else.
+        A file that cannot be analysed raises `gr.Error` with the reason."""
         if not file:
             raise gr.Error("Upload a chest X-ray (PNG, JPEG or DICOM) or click an example first.",
                            print_exception=False)
         path = Path(file if isinstance(file, (str, Path)) else file.name)
-        problems = self.problems(method, explain_class, opacity)
-        if problems:
-            raise gr.Error(html.escape(" ".join(problems.values()), quote=False), print_exception=False)
-        target = None if explain_class in (None, "", PREDICTED) else explain_class
+        predictor = self.models[model]
+        # A class this model does not have (the 2020 recipe has no pneumonia): its predicted class.
+        target = explain_class if explain_class in predictor.classes else None
+        key = None
+        if session is not None and path.is_file():
+            key = self.kept.key_for(session, _digest(path), model, method, target or PREDICTED)
+            kept = self.kept.get(key)
+            if kept is not None:
+                return kept
         try:
-            explanation = self.predictor.explain(path, method=method, target=target, opacity=float(opacity),
-                                                 max_side=DISPLAY_SIDE)
+            explanation = predictor.explain(path, method=method, target=target, opacity=float(opacity),
+                                            max_side=DISPLAY_SIDE)
         except ImageLoadError as error:
             # An expected refusal: one line in the log, no traceback; the file named once. An
             # upload is deleted at once (nothing of it is kept or served back).
@@ -298,113 +371,258 @@ class XrayApp:
         # Lungs outlined only for an X-ray read without warnings: lungs "found" on a photo or a
         # document would mean nothing.
         outlined = verdict.status == report.RESULT and not verdict.warnings
-        shown = Shown.of(explanation.image, explanation.heatmap, explanation.lung_mask if outlined else None)
-        result = (label_data(verdict), Image.fromarray(shown.image), shown.overlay(float(opacity)),
-                  report.markdown(verdict))
+        shown = Shown.of(explanation.image, explanation.heatmap, explanation.lung_mask if outlined else None, verdict)
         stop_if_cancelled()
-        return (*result, self.kept.keep(shown) if keep else None)
+        if key is not None:
+            shown.key = self.kept.keep(shown, key)
+        return shown
 
-    def show(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
-        """The page's handler: `analyse_and_keep`, except that a file which cannot be analysed
-        gets its reason in the result area, in place of the previous verdict (a toast alone goes
-        after a few seconds, and the old result would stay on the page as if it were this file's)."""
+    def summary(self, verdict, model: str, explain_class) -> str:
+        """The verdict in words (report.markdown), with a word when the model lacks the class asked for."""
+        text = report.markdown(verdict)
+        if explain_class not in (None, "", PREDICTED) and explain_class not in self.models.configs[model]["classes"]:
+            text += (f"\n\n*{html.escape(self.models.title(model))} has no {explain_class} class: the heatmap is "
+                     "for its prediction.*")
+        return text
+
+    def show(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4,
+             view: str | None = None, session: str | None = None):
+        """The page's handler: the chosen model's analysis, or every model's (COMPARE), as the
+        page's outputs (`page`). A file that cannot be analysed gets its reason in the result
+        area, in place of the previous verdict (a toast alone goes after a few seconds, and the
+        old result would stay on the page as if it were this file's)."""
+        view = view or self.models.default
         try:
-            result = self.analyse_and_keep(file, method, explain_class, opacity)
-            return (*result, *NO_OCCLUSION, result[1])  # the eraser starts from the image as read
+            problems = self.problems(method, explain_class, opacity, view)
+            if problems:
+                raise gr.Error(html.escape(" ".join(problems.values()), quote=False), print_exception=False)
+            names = self.models.names if view == COMPARE else [view]
+            # Without a session (an in-process call), nothing is looked up: each call runs the models.
+            shown = [self.analysed(file, name, method, explain_class, opacity, session) for name in names]
+            return self.page(view, shown, explain_class, opacity)
         except gr.Error as error:
-            return self.failed(error.message)
+            return self.failed(error.message, view)
 
-    @staticmethod
-    def failed(message: str = "The analysis failed unexpectedly; try again, or try another file."):
+    def page(self, view: str, shown: list[Shown], explain_class=PREDICTED, opacity: float = 0.4):
+        """The page's outputs (`build`'s `outputs`) for the analyses `shown` (one per model in the
+        compare view; one otherwise): the single view filled and the compare view empty, or the
+        other way round. Every new result clears the map test and resets the eraser."""
+        compare = view == COMPARE
+        # What a re-blend needs: each analysis's key (one kept without a session gets a random one).
+        kept = {"view": view, "keys": [item.key or self.kept.keep(item) for item in shown]} if shown else None
+        single = [None, None, None, ""]
+        if shown and not compare:
+            item = shown[0]
+            single = [label_data(item.verdict), Image.fromarray(item.image), item.overlay(float(opacity)),
+                      self.summary(item.verdict, view, explain_class)]
+        columns = []
+        for index, name in enumerate(self.models.names if len(self.models.names) > 1 else []):
+            item = shown[index] if compare and shown else None
+            columns += [f"#### {html.escape(self.models.title(name))}\n" + (self.column_text(item, name, explain_class)
+                                                                         if item else ""),
+                        label_data(item.verdict) if item else None,
+                        item.overlay(float(opacity)) if item else None]
+        eraser = Image.fromarray(shown[0].image) if shown else None
+        return (*single, kept, *NO_OCCLUSION, eraser, *NO_OCCLUSION, self.card(view), self.facts(view),
+                gr.update(visible=not compare), gr.update(visible=compare), *columns)
+
+    def column_text(self, shown: Shown, name: str, explain_class) -> str:
+        text = report.brief(shown.verdict)
+        if explain_class not in (None, "", PREDICTED) and explain_class not in self.models.configs[name]["classes"]:
+            text += f"  \n*No {explain_class} class: map of its prediction.*"
+        return text
+
+    def card(self, view: str) -> str:
+        """What the picked model is (model_card), or the three side by side in a line each."""
+        if len(self.models.names) == 1:
+            return ""
+        if view == COMPARE:
+            return COMPARE_INTRO
+        return model_card(self.models.configs[view])
+
+    def facts(self, view: str) -> str:
+        """The About panel: the picked model's description (the default's in the compare view)."""
+        config = self.models.configs[self.models.default if view == COMPARE else view]
+        return "\n\n".join([model_facts(config), notice_facts(config), method_facts(config)])
+
+    def failed(self, message: str = "The analysis failed unexpectedly; try again, or try another file.",
+               view: str | None = None):
         """The result area for an input that could not be analysed: the error's verdict, no images."""
+        outputs = list(self.page(view if view in self.views and view != COMPARE else self.models.default, []))
         verdict = report.failure(message)
-        return label_data(verdict), None, None, report.markdown(verdict), None, *NO_OCCLUSION, None
+        outputs[0], outputs[3] = label_data(verdict), report.markdown(verdict)
+        return tuple(outputs)
 
-    def show_new(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4):
+    def show_new(self, file, method: str = "gradcam", explain_class: str = PREDICTED, opacity: float = 0.4,
+                 view: str | None = None, session: str | None = None):
         """A new image (an upload or an example): the explained class goes back to the predicted
         one, on the page too, so the evidence shown first is always for the prediction."""
-        return (PREDICTED, *self.show(file, method, PREDICTED, opacity))
+        return (PREDICTED, *self.show(file, method, PREDICTED, opacity, view, session))
 
-    @staticmethod
-    def cleared():
+    def cleared(self, view: str | None = None):
         """The upload cleared: the result goes with it, and the explained class is reset."""
-        return PREDICTED, None, None, None, "", None, *NO_OCCLUSION, None
+        view = view if view in self.views else self.models.default
+        return (PREDICTED, *self.page(view, []))
 
-    def occlusion(self, file, blanked: str = "lungs"):
+    def occlusion(self, file, blanked: str = "lungs", model: str | None = None):
         """(text, image, numbers) for the map test on this image (occlusion.py): the model again
         with its `blanked` ("lungs", or "outside": all but the lungs) filled with the image's
-        median gray. The `/occlusion` API; the page's two buttons."""
+        median gray. The `/occlusion` API."""
         if blanked not in BLANKED:
             raise gr.Error(f"Blank the lungs or the outside, not {_quoted(blanked)}.", print_exception=False)
-        return self.map_test(file, BLANKED[blanked], blanked)
+        model = model or self.models.default
+        problems = self.problems("gradcam", PREDICTED, 0.4, model, views=self.models.names)
+        if problems:
+            raise gr.Error(html.escape(problems["model"], quote=False), print_exception=False)
+        text, image, numbers = self.map_test(file, [model], BLANKED[blanked], blanked)
+        return text, image, numbers[model]
 
-    def erase(self, file, edited):
-        """(text, image, numbers): the model again with what the person painted on the eraser
-        (a marker, a label, a tube) blanked with the same fill (occlusion.painted_test)."""
+    def blank(self, file, view: str | None, blanked: str):
+        """The page's two buttons: the map test for the picked model, or for each in the compare view."""
+        text, image, _ = self.map_test(file, self.tested_models(view), BLANKED[blanked], blanked)
+        return text, image
+
+    def erase(self, file, edited, view: str | None = None):
+        """(text, image): the model (each, in the compare view) again with what the person painted
+        on the eraser (a marker, a label, a tube) blanked with the same fill (occlusion.painted_test)."""
         painted = painted_mask(edited)
         if file and (painted is None or not painted.any()):
             raise gr.Error("Paint over something on the image first (the brush), then press the button.",
                            print_exception=False)
-        return self.map_test(file, PAINTED_OVER, "painted", painted)
+        text, image, _ = self.map_test(file, self.tested_models(view), PAINTED_OVER, "painted", painted)
+        return text, image
 
-    def map_test(self, file, view: str, blanked: str, painted=None):
-        """The map test of `file` (Predictor.occlusion) shown as (text, the image `view` the
-        model read, the numbers)."""
+    def tested_models(self, view: str | None) -> list[str]:
+        if view == COMPARE:
+            return self.models.names
+        if view not in (None, "") and view not in self.models:
+            raise gr.Error(f"Unknown model {_quoted(view)}.", print_exception=False)
+        return [view or self.models.default]
+
+    def map_test(self, file, names: list[str], view: str, blanked: str, painted=None):
+        """The map test of `file` for each model named (Predictor.occlusion) shown as (text, the
+        image `view` the first model read, the numbers by model). A model that reads only the
+        lungs' box cannot have its lungs blanked: the text says so."""
         if not file:
             raise gr.Error("Upload a chest X-ray or click an example first.", print_exception=False)
         path = Path(file if isinstance(file, (str, Path)) else file.name)
-        try:
-            test = self.predictor.occlusion(path, painted=painted)
-        except ImageLoadError as error:
-            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
-        except ValueError as error:  # a lung-reading checkpoint
-            raise gr.Error(str(error), print_exception=False) from error
-        if test.not_an_xray:
-            raise gr.Error("This does not look like a frontal chest X-ray: there are no lungs to blank.",
-                           print_exception=False)
-        shown = (np.clip(shrink(test.views[view], DISPLAY_SIDE), 0, 1) * 255).round().astype(np.uint8)
-        numbers = {"blanked": blanked, "as_is": test.probabilities[AS_IS], "blanked_probabilities":
-                   test.probabilities[view], "decided_as_is": test.decided[AS_IS], "decided_blanked": test.decided[view]}
-        return occlusion_text(test, view), Image.fromarray(shown), numbers
+        texts, numbers, shown = [], {}, None
+        for name in names:
+            try:
+                test = self.models[name].occlusion(path, painted=painted)
+            except ImageLoadError as error:
+                raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
+            except ValueError:  # a lung-reading checkpoint: no lungs left to find its crop by
+                texts.append((name, LUNG_READER_MAP_TEST))
+                continue
+            if test.not_an_xray:
+                raise gr.Error("This does not look like a frontal chest X-ray: there are no lungs to blank.",
+                               print_exception=False)
+            if shown is None:
+                shown = (np.clip(shrink(test.views[view], DISPLAY_SIDE), 0, 1) * 255).round().astype(np.uint8)
+            numbers[name] = {"blanked": blanked, "as_is": test.probabilities[AS_IS], "blanked_probabilities":
+                             test.probabilities[view], "decided_as_is": test.decided[AS_IS],
+                             "decided_blanked": test.decided[view]}
+            texts.append((name, occlusion_text(test, view)))
+        if len(names) == 1 and not numbers:
+            raise gr.Error(LUNG_READER_MAP_TEST, print_exception=False)
+        text = texts[0][1] if len(names) == 1 else "\n\n".join(
+            f"#### {html.escape(self.models.title(name))}\n{said}" for name, said in texts)
+        return text, None if shown is None else Image.fromarray(shown), numbers
 
-    async def serve_erase(self, file, edited, request: gr.Request):
-        return await self.served(request, self.erase, file, edited)
+    def deletion(self, file, method: str = "gradcam", explain_class: str = PREDICTED, view: str | None = None):
+        """(text, plot): the deletion curve (occlusion.deletion_curve) of the picked model's map, or
+        of each model's in the compare view, in words and as a plot."""
+        text, table, _ = self.deletion_curves(file, self.tested_models(view), method, explain_class)
+        return text, table
 
-    async def serve_blank_lungs(self, file, request: gr.Request):
-        return await self.served(request, self.occlusion, file, "lungs")
+    def deletion_api(self, file, method: str = "gradcam", explain_class: str = PREDICTED, model: str | None = None):
+        """(text, plot, numbers) for one model: the `/deletion_curve` API."""
+        model = model or self.models.default
+        problems = self.problems(method, explain_class, 0.4, model, views=self.models.names)
+        if problems:
+            raise gr.Error(html.escape(" ".join(problems.values()), quote=False), print_exception=False)
+        text, table, numbers = self.deletion_curves(file, [model], method, explain_class)
+        return text, table, numbers[model]
 
-    async def serve_blank_outside(self, file, request: gr.Request):
-        return await self.served(request, self.occlusion, file, "outside")
+    def deletion_curves(self, file, names: list[str], method: str, explain_class):
+        if not file:
+            raise gr.Error("Upload a chest X-ray or click an example first.", print_exception=False)
+        problems = self.problems(method, explain_class, 0.4)
+        if problems:
+            raise gr.Error(html.escape(" ".join(problems.values()), quote=False), print_exception=False)
+        path = Path(file if isinstance(file, (str, Path)) else file.name)
+        texts, curves, numbers = [], {}, {}
+        for name in names:
+            predictor = self.models[name]
+            target = explain_class if explain_class in predictor.classes else None
+            try:
+                if predictor.predict(path).not_an_xray:
+                    raise gr.Error("This does not look like a frontal chest X-ray: its map means nothing to test.",
+                                   print_exception=False)
+                curve = predictor.deletion_curve(path, method, target)
+            except ImageLoadError as error:
+                raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
+            stop_if_cancelled()
+            numbers[name] = {"target": curve.target, "method": curve.method, "removed": list(curve.removed),
+                             "as_is": curve.as_is, "by_map": curve.by_map, "at_random": curve.at_random,
+                             "gap": curve.gap}
+            curves[self.models.title(name)] = curve
+            said = deletion_text(curve)
+            texts.append(said if len(names) == 1 else f"#### {html.escape(self.models.title(name))}\n{said}")
+        return "\n\n".join(texts), plot_deletion(curves), numbers
 
-    async def serve_occlusion(self, file, blanked, request: gr.Request):
-        return await self.served(request, self.occlusion, file, blanked)
+    async def serve_deletion(self, file, method, explain_class, view, request: gr.Request):
+        return await self.served(request, self.deletion, file, method, explain_class, view)
 
-    def reblend(self, kept: str | None, opacity):
-        """The overlay at a new opacity from the kept map: no forward pass. A map no longer kept
-        (KEPT_FOR_S after its last use, or dropped for newer ones) leaves the overlay as it is."""
-        shown = self.kept.get(kept)
-        if shown is None:
-            if kept is not None:
-                gr.Info("This analysis is no longer kept: choose the method again to redo it.")
-            return gr.skip()
-        return shown.overlay(float(opacity))
+    async def serve_deletion_api(self, file, method, explain_class, model, request: gr.Request):
+        return await self.served(request, self.deletion_api, file, method, explain_class, model)
 
-    def reanalyse(self, file, method, explain_class, opacity):
-        """A changed method or class: analyse again; while no file is loaded, the result area
-        stays empty. (Never `gr.skip()` here: Gradio answers an update with a fresh copy of the
+    async def serve_erase(self, file, edited, view, request: gr.Request):
+        return await self.served(request, self.erase, file, edited, view)
+
+    async def serve_blank_lungs(self, file, view, request: gr.Request):
+        return await self.served(request, self.blank, file, view, "lungs")
+
+    async def serve_blank_outside(self, file, view, request: gr.Request):
+        return await self.served(request, self.blank, file, view, "outside")
+
+    async def serve_occlusion(self, file, blanked, model, request: gr.Request):
+        return await self.served(request, self.occlusion, file, blanked, model)
+
+    def reblend(self, kept: dict | None, opacity):
+        """The overlays at a new opacity from the kept maps: no forward pass. A map no longer kept
+        (KEPT_FOR_S after its last use, or dropped for newer ones) leaves its overlay as it is.
+        Outputs: the single view's overlay, then each compare column's."""
+        columns = len(self.models.names) if len(self.models.names) > 1 else 0
+        skipped = [gr.skip()] * (1 + columns)
+        if not isinstance(kept, dict):
+            return tuple(skipped) if columns else skipped[0]
+        shown = [self.kept.get(key) for key in kept.get("keys", [])]
+        if any(item is None for item in shown) or not shown:
+            gr.Info("This analysis is no longer kept: choose the method again to redo it.")
+            return tuple(skipped) if columns else skipped[0]
+        overlays = [item.overlay(float(opacity)) for item in shown]
+        result = [*skipped[:1], *overlays] if kept.get("view") == COMPARE else [overlays[0], *skipped[1:]]
+        return tuple(result) if columns else result[0]
+
+    def reanalyse(self, file, method, explain_class, opacity, view=None, session=None):
+        """A changed model, method or class: analyse again (what was analysed before for this
+        session comes from the kept table); while no file is loaded, the result area stays
+        empty. (Never `gr.skip()` here: Gradio answers an update with a fresh copy of the
         label component for the rest of the session, without `_decided_as_is`, and every later
         result then failed to show.)"""
         if not file:
-            return self.cleared()[1:]
-        return self.show(file, method, explain_class, opacity)
+            return self.cleared(view)[1:]
+        return self.show(file, method, explain_class, opacity, view, session)
 
-    def analyse_example(self, index, method, explain_class, opacity):
+    def analyse_example(self, index, method, explain_class, opacity, view=None, session=None):
         """An example clicked: the file goes into the upload box and is analysed, in one request,
         the explained class reset to the predicted one."""
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.examples):
             raise gr.Error(f"There is no example {_quoted(index)}.", print_exception=False)
         path = str(self.examples[index][0])
-        return (path, *self.show_new(path, method, explain_class, opacity))
+        return (path, *self.show_new(path, method, explain_class, opacity, view, session))
 
     def example_captions(self) -> list[str]:
         """What each example is, what this model calls it, and what to try (HTML: Gradio shows
@@ -428,8 +646,10 @@ class XrayApp:
         return captions
 
     def build(self) -> gr.Blocks:
-        classes = self.predictor.classes
+        classes = self.classes
         config = self.predictor.config
+        names, default = self.models.names, self.models.default
+        several = len(names) > 1
         with gr.Blocks(title="covidxr: COVID-19 on chest X-rays", analytics_enabled=False,
                        delete_cache=(FILE_LIFETIME_S, FILE_LIFETIME_S)) as demo:
             gr.Markdown("# covidxr\nCOVID-19, normal or other pneumonia on a frontal chest X-ray, "
@@ -451,6 +671,10 @@ class XrayApp:
                     else:
                         gr.Markdown(f"No example images here yet. Fetch them with `{FETCH_COMMAND}`.")
                 with gr.Column(scale=2, elem_id="result"):
+                    view = gr.Radio([(self.models.title(name), name) for name in names]
+                                    + ([("Compare all", COMPARE)] if several else []), value=default,
+                                    label="Model", visible=several, elem_id="model")
+                    card = gr.Markdown(self.card(default), visible=several, elem_id="model-card")
                     with gr.Row():
                         method = gr.Dropdown(method_choices(config), value="gradcam", label="Explanation method",
                                              info=method_info(config), scale=5, min_width=300, elem_id="method")
@@ -460,24 +684,42 @@ class XrayApp:
                                             min_width=160, elem_id="opacity")
                     # Their values reach `admit` and `analyse` as sent: Gradio's own checks
                     # echo a refused value whole and let NaN through as an opacity.
-                    for control in (method, explain_class, opacity):
+                    for control in (method, explain_class, opacity, view):
                         control.preprocess = _as_sent
-                    with gr.Row():
-                        with gr.Column(scale=3, min_width=300):
-                            summary = gr.Markdown(elem_id="summary", min_height=60)
-                        # The heading is off: the label comes from the decision rule, not always the top class.
-                        probabilities = gr.Label(label="Probabilities", num_top_classes=len(classes),
-                                                 show_heading=False, scale=2, min_width=220, elem_id="prediction")
-                        probabilities.postprocess = _decided_as_is(probabilities.postprocess)
-                    with gr.Row():
-                        original = gr.Image(label="Input, as the model reads it", type="pil", format="jpeg",
-                                            height=380, elem_id="original")
-                        with gr.Column(min_width=160):
-                            overlay_image = gr.Image(label="Heatmap overlay", type="pil", format="jpeg", height=380,
-                                                     elem_id="overlay")
-                            for image in (original, overlay_image):  # never rewritten while served (_saved_once)
-                                image.postprocess = _saved_once(image)
-                            gr.HTML(LEGEND_HTML, elem_id="legend")
+                    with gr.Column(elem_id="single-view") as single_view:  # one model: its result in full
+                        with gr.Row():
+                            with gr.Column(scale=3, min_width=300):
+                                summary = gr.Markdown(elem_id="summary", min_height=60)
+                            # The heading is off: the label comes from the decision rule, not always the top class.
+                            probabilities = gr.Label(label="Probabilities", num_top_classes=len(classes),
+                                                     show_heading=False, scale=2, min_width=220, elem_id="prediction")
+                            probabilities.postprocess = _decided_as_is(probabilities.postprocess)
+                        with gr.Row():
+                            original = gr.Image(label="Input, as the model reads it", type="pil", format="jpeg",
+                                                height=380, elem_id="original")
+                            with gr.Column(min_width=160):
+                                overlay_image = gr.Image(label="Heatmap overlay", type="pil", format="jpeg", height=380,
+                                                         elem_id="overlay")
+                                for image in (original, overlay_image):  # never rewritten while served (_saved_once)
+                                    image.postprocess = _saved_once(image)
+                                gr.HTML(LEGEND_HTML, elem_id="legend")
+                    # The compare view: every model's verdict, probabilities and map, side by side.
+                    compare_outputs, compare_images = [], []
+                    with gr.Column(visible=False, elem_id="compare-view") as compare_view:
+                        with gr.Row(equal_height=False):
+                            for name in names if several else []:
+                                with gr.Column(min_width=200):
+                                    said = gr.Markdown(elem_classes=["compare-text"])
+                                    bars = gr.Label(num_top_classes=len(classes), show_heading=False,
+                                                    show_label=False, elem_classes=["compare-label"])
+                                    bars.postprocess = _decided_as_is(bars.postprocess)
+                                    mapped = gr.Image(label=f"Heatmap: {self.models.title(name)}", show_label=False,
+                                                      type="pil", format="jpeg", height=300,
+                                                      elem_classes=["compare-map"])
+                                    mapped.postprocess = _saved_once(mapped)
+                                    compare_outputs += [said, bars, mapped]
+                                    compare_images.append(mapped)
+                        gr.HTML(LEGEND_HTML)
                     with gr.Accordion("Test the map on this image", open=True, elem_id="map-test"):
                         gr.Markdown(MAP_TEST_INTRO)
                         with gr.Row():
@@ -498,12 +740,24 @@ class XrayApp:
                             brush=gr.Brush(colors=["#ff00ff"], default_color="#ff00ff", color_mode="fixed",
                                            default_size=24), buttons=[])
                         erase = gr.Button("Blank what I painted, predict again", size="sm", elem_id="erase")
+                        gr.Markdown(DELETION_INTRO)
+                        deletion = gr.Button("Remove the map's hottest pixels first (a few seconds a model)", size="sm",
+                                             elem_id="deletion")
+                        with gr.Row():
+                            with gr.Column(min_width=280):
+                                deletion_result = gr.Markdown(elem_id="deletion-result")
+                            with gr.Column(min_width=280):
+                                deletion_plot = gr.Image(label="Deletion curve", type="pil", format="png", height=300,
+                                                         elem_id="deletion-plot")
+                                deletion_plot.postprocess = _saved_once(deletion_plot)
             with gr.Accordion("About this model", open=False):
-                gr.Markdown("\n\n".join([model_facts(config), notice_facts(config), method_facts(config)]))
+                facts = gr.Markdown(self.facts(default))
 
-            inputs = [upload, method, explain_class, opacity]
+            inputs = [upload, method, explain_class, opacity, view]
             # The map test's result goes with the image it was made for: each new result clears it.
-            outputs = [probabilities, original, overlay_image, summary, shown, occlusion_result, occluded, eraser]
+            # The single view and the compare view: the one shown is filled, the other emptied.
+            outputs = [probabilities, original, overlay_image, summary, shown, occlusion_result, occluded, eraser,
+                       deletion_result, deletion_plot, card, facts, single_view, compare_view, *compare_outputs]
             model = dict(concurrency_id="model", validator=self.admit)
             # Handlers run through `served` (serve_*); their API names stay the plain methods' names.
             # One request per user action: the upload, each change of method or class, each example
@@ -515,32 +769,45 @@ class XrayApp:
             # An unexpected failure (the handler itself shows the expected ones) still clears the
             # previous verdict: no result on the page may belong to another file.
             analysed.failure(self.failed, None, outputs, api_visibility="private")
-            upload.clear(self.cleared, None, [explain_class, *outputs], api_visibility="private")
+            upload.clear(self.cleared, view, [explain_class, *outputs], api_visibility="private")
             # The dropdown's `input` event fired twice per choice (Gradio 6.31, Chromium); `select` once.
             method.select(self.serve_reanalyse, inputs, outputs, api_name="reanalyse", api_visibility="private",
                           trigger_mode="always_last", **model)
             explain_class.input(self.serve_reanalyse, inputs, outputs, api_name="reanalyse", api_visibility="private",
                                 trigger_mode="always_last", **model)
-            opacity.release(self.serve_reblend, [shown, opacity], overlay_image, api_name="reblend",
+            # Another model or the compare view: analyses this session already has come from the kept table.
+            view.input(self.serve_reanalyse, inputs, outputs, api_name="reanalyse", api_visibility="private",
+                       trigger_mode="always_last", **model)
+            opacity.release(self.serve_reblend, [shown, opacity], [overlay_image, *compare_images], api_name="reblend",
                             api_visibility="private", trigger_mode="always_last", concurrency_id="blend",
                             validator=self.admit_opacity)
             # The `/predict` API: plain values (no page updates), through a button the page does not show.
             api = gr.Button(visible=False)
-            api.click(self.serve_analyse, inputs, outputs[:4], api_name="predict", **model)
+            api_model = gr.Dropdown(names, value=default, visible=False, label="model")
+            api_model.preprocess = _as_sent
+            api.click(self.serve_analyse, [upload, method, explain_class, opacity, api_model], outputs[:4],
+                      api_name="predict", **model)
             # The map test: one request per click; `/occlusion` also returns the numbers.
             numbers = gr.JSON(visible=False)
             blanked = gr.Textbox(visible=False)
             tested = dict(concurrency_id="model", validator=self.admit_occlusion)
-            blank_lungs.click(self.serve_blank_lungs, upload, [occlusion_result, occluded, numbers],
+            blank_lungs.click(self.serve_blank_lungs, [upload, view], [occlusion_result, occluded],
                               api_name="blank_lungs", api_visibility="private", **tested)
-            blank_outside.click(self.serve_blank_outside, upload, [occlusion_result, occluded, numbers],
+            blank_outside.click(self.serve_blank_outside, [upload, view], [occlusion_result, occluded],
                                 api_name="blank_outside", api_visibility="private", **tested)
-            api.click(self.serve_occlusion, [upload, blanked], [occlusion_result, occluded, numbers],
+            api.click(self.serve_occlusion, [upload, blanked, api_model], [occlusion_result, occluded, numbers],
                       api_name="occlusion", **tested)
-            erase.click(self.serve_erase, [upload, eraser], [occlusion_result, occluded, numbers], api_name="erase",
+            erase.click(self.serve_erase, [upload, eraser, view], [occlusion_result, occluded], api_name="erase",
                         api_visibility="private", concurrency_id="model")
+            # The deletion curve: one request per click; `/deletion_curve` also returns the numbers.
+            deletion.click(self.serve_deletion, [upload, method, explain_class, view], [deletion_result, deletion_plot],
+                           api_name="deletion", api_visibility="private", concurrency_id="model",
+                           validator=self.admit_settings)
+            api.click(self.serve_deletion_api, [upload, method, explain_class, api_model],
+                      [deletion_result, deletion_plot, numbers], api_name="deletion_curve", concurrency_id="model",
+                      validator=self.admit_settings)
             if self.examples:
-                clicked = examples.click(self.serve_example, [examples, method, explain_class, opacity],
+                clicked = examples.click(self.serve_example, [examples, method, explain_class, opacity, view],
                                          [upload, explain_class, *outputs], api_name="analyse_example",
                                          api_visibility="private", **model)
                 clicked.success(None, js=SHOW_RESULT_JS)
@@ -553,10 +820,32 @@ class XrayApp:
         return demo
 
 
+DELETION_INTRO = ("**Does the map point at what the model uses?** Remove the pixels the map marks hottest, a "
+                  "growing share, and watch the probability fall; then remove as many at random. Removed pixels are "
+                  "filled in from their neighbours (pytorch-grad-cam's ROAD), so the holes themselves say nothing.")
 MAP_TEST_INTRO = ("A heatmap shows where the evidence lies; blanking shows whether the model needs it there. "
                   "Fill the lungs (or everything but them) with flat gray and ask the model again. "
                   "MODEL_CARD.md (shortcut audit) has the same test over the whole test split.")
-NO_OCCLUSION = ("", None)  # the map test's result, cleared by every new result
+NO_OCCLUSION = ("", None)  # the map test's (and the deletion curve's) result, cleared by every new result
+
+
+def deletion_text(curve) -> str:
+    """The deletion curve in words, for a student: what removing the map's hottest pixels did,
+    against removing as many at random, at one share and on average over them all."""
+    share = curve.removed.index(0.2) if 0.2 in curve.removed else len(curve.removed) // 2
+    text = (f"With the {curve.removed[share]:.0%} of pixels the map marks hottest removed: {curve.target} "
+            f"{curve.by_map[share]:.0%} (as it is: {curve.as_is:.0%}; the same share removed at random: "
+            f"{curve.at_random[share]:.0%}). Over every share removed ({curve.removed[0]:.0%} to "
+            f"{curve.removed[-1]:.0%}), {curve.target} is on average {abs(curve.gap):.0%} "
+            f"{'lower' if curve.gap >= 0 else 'higher'} when the map picks the pixels than when chance does: ")
+    if curve.gap >= 0.10:
+        return text + "the map points at what the model uses."
+    if curve.gap >= 0.03:
+        return text + "the map points at some of what the model uses."
+    if curve.gap > -0.03:
+        return text + ("removing what the map marks costs about as much as removing pixels at random: on this image "
+                       "the map says little about what the model uses (it may read the film as a whole).")
+    return text + "the map does not point at what the model uses."
 
 
 def occlusion_text(test, view: str) -> str:
@@ -667,6 +956,17 @@ def _saved_once(component):
 def _quoted(value) -> str:
     text = repr(value)
     return text if len(text) <= 30 else text[:30] + "..."
+
+
+def _session(request) -> str:
+    """The page session a request comes from (what the kept analyses are keyed by)."""
+    return str(getattr(request, "session_hash", None) or "")
+
+
+def _digest(path: Path) -> str:
+    """The file's bytes as a key: the same X-ray uploaded again (a new temp path) is found again."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _address(request) -> str:
@@ -785,11 +1085,11 @@ def launch(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7
     # uvicorn replaces the connection's address with X-Forwarded-For's only for these proxies
     # (its default trusts 127.0.0.1, so any local client could claim any address).
     os.environ["FORWARDED_ALLOW_IPS"] = ",".join(trusted_proxies or [])
-    xray_app = XrayApp(Predictor.load(checkpoint), examples_dir)
+    xray_app = XrayApp(examples_dir=examples_dir, models=ModelShelf.of(checkpoint))
     app = xray_app.build()
     # Outermost first: expired logins are dropped before anything reads them.
     middleware = [Middleware(LoginGuard().middleware)] if auth else []
-    middleware += [Middleware(SecurityHeaders), Middleware(KnownEndpoints, api_names={"predict"}),
+    middleware += [Middleware(SecurityHeaders), Middleware(KnownEndpoints, api_names={"predict", "occlusion", "deletion_curve"}),
                    Middleware(xray_app.limits.middleware)]
     # quiet: Gradio's own banner tells users to "set `share=True` in `launch()`"; ours names the flag.
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
@@ -810,7 +1110,9 @@ def main(argv: list[str] | None = None) -> None:
                                      "X-ray, get the label, probabilities and a heatmap.")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None,
+                        help="the model shown first: a bundled model's name (the others are offered too) or a "
+                             "checkpoint file of one's own (offered alone); default: the shipped model")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--examples-dir", type=Path, default=None, help="folder of examples (default: examples/)")
     parser.add_argument("--auth", action="append", default=[], metavar="USER:PASS",

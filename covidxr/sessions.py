@@ -1,14 +1,22 @@
-"""What the page keeps of each visitor's last analysis, so that a new opacity only re-blends.
+"""What the page keeps of each visitor's analyses, so that a new opacity only re-blends and a
+model or view picked again costs no model run.
 
-A page session holds only a key (a random string); the maps live here, in one bounded table
+A page session holds only keys; the analyses live here, in one bounded table
 for all visitors: at most MOST_KEPT analyses, each for KEPT_FOR_S seconds after its last use, the least
 recently used dropped first. Each is stored at display size as 8-bit data (the X-ray, the map,
-the lung mask): about 2 MiB for a 1024-px image, where the float arrays took 7-9 MiB a session
-for an hour. A visitor whose map was dropped analyses again.
+the lung mask) with its verdict: about 2 MiB for a 1024-px image, where the float arrays took
+7-9 MiB a session for an hour. A visitor whose map was dropped analyses again.
+
+An analysis's key (`KeptMaps.key_for`) is a keyed hash of the page session, the file's bytes, the
+model and the map asked for: the same request from the same session finds it again, and no
+session can find, or time, another's (the key is secret to the server; nothing is shared across
+sessions, not even for the same X-ray).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import threading
 import time
@@ -31,11 +39,13 @@ class Shown:
     image: np.ndarray  # uint8 (H, W), the input as the model read it
     heatmap: np.ndarray  # uint8 (H, W): the map as the colour map reads it (255 x map, truncated)
     lung_mask: np.ndarray | None  # bool (H, W); None: no outline
+    verdict: object = None  # the analysis's report.Verdict
+    key: str | None = None  # its key in KeptMaps, once kept
 
     @classmethod
-    def of(cls, image: np.ndarray, heatmap: np.ndarray, lung_mask: np.ndarray | None) -> "Shown":
+    def of(cls, image: np.ndarray, heatmap: np.ndarray, lung_mask: np.ndarray | None, verdict=None) -> "Shown":
         """From float images in [0, 1]."""
-        return cls((image * 255).round().astype(np.uint8), np.uint8(255 * heatmap), lung_mask)
+        return cls((image * 255).round().astype(np.uint8), np.uint8(255 * heatmap), lung_mask, verdict)
 
     def overlay(self, opacity: float) -> Image.Image:
         # The colour map takes uint8(255 x map): a quarter step up keeps the stored value exact.
@@ -52,12 +62,19 @@ class KeptMaps:
         self.most, self.lifetime_s = most, lifetime_s
         self.entries: OrderedDict[str, tuple[float, Shown]] = OrderedDict()
         self.lock = threading.Lock()
+        self._secret = secrets.token_bytes(32)  # new at each start: keys are good for this server only
 
-    def keep(self, shown: Shown) -> str:
-        key = secrets.token_urlsafe(16)
+    def key_for(self, *parts: str) -> str:
+        """The key of an analysis described by `parts` (session, file digest, model, method, class)."""
+        return hmac.new(self._secret, "\x1f".join(map(str, parts)).encode(), hashlib.sha256).hexdigest()
+
+    def keep(self, shown: Shown, key: str | None = None) -> str:
+        """Keep `shown` under `key` (default: a new random one); returns the key."""
+        key = key or secrets.token_urlsafe(16)
         with self.lock:
             self._drop_old(time.monotonic())
             self.entries[key] = (time.monotonic(), shown)
+            self.entries.move_to_end(key)
             while len(self.entries) > self.most:
                 self.entries.popitem(last=False)
         return key

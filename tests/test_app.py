@@ -23,6 +23,8 @@ from covidxr.serve import (
     DISPLAY_SIDE,
     NOT_AN_XRAY,
     NOT_AN_XRAY_HEADLINE,
+    LUNG_READER_MAP_TEST,
+    PAGE_OUTPUTS,
     PREDICTED,
     XrayApp,
     method_choices,
@@ -100,7 +102,8 @@ def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
     lungs outlined, no lung focus given; the probabilities only as greyed detail."""
     path = tmp_path / "input.png"
     Image.fromarray(np.asarray(dict(non_xray_images())[name]).astype("uint8")).save(path)
-    label, original, overlay, summary, shown = xray_app.analyse_and_keep(str(path))
+    page = dict(zip(PAGE_OUTPUTS, xray_app.show(str(path))))
+    label, original, overlay, summary = page["probabilities"], page["original"], page["overlay"], page["summary"]
     prediction = xray_app.predictor.predict(path)
     assert prediction.not_an_xray and set(prediction.probabilities) == set(xray_app.predictor.classes)
     assert label.label == NOT_AN_XRAY and label.label not in xray_app.predictor.classes and not label.confidences
@@ -109,7 +112,7 @@ def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
     assert all(warning in summary for warning in prediction.warnings)
     greyed = summary[summary.index('<span class="secondary">'):]
     assert all(f"{c} {p:.0%}" in greyed for c, p in prediction.probabilities.items())
-    assert xray_app.kept.get(shown).lung_mask is None and overlay.size == original.size
+    assert xray_app.kept.get(page["kept"]["keys"][0]).lung_mask is None and overlay.size == original.size
     shown_label = next(b for b in xray_app.build().blocks.values() if isinstance(b, gr.Label)).postprocess(label)
     assert shown_label.label == NOT_AN_XRAY and not shown_label.confidences  # no probability bars
 
@@ -138,13 +141,13 @@ def test_the_api_keeps_no_map(xray_app, manifest_frame):
     for _ in range(3):
         xray_app.analyse(path, "gradcam", PREDICTED, 0.4)
     assert len(xray_app.kept) == before
-    *_, shown = xray_app.analyse_and_keep(path, "gradcam", PREDICTED, 0.4)
-    assert xray_app.kept.get(shown) is not None and len(xray_app.kept) == min(before + 1, xray_app.kept.most)
+    kept = xray_app.show(path, "gradcam", PREDICTED, 0.4, session="a page")[4]
+    assert xray_app.kept.get(kept["keys"][0]) is not None and len(xray_app.kept) == min(before + 1, xray_app.kept.most)
 
 
 def test_opacity_reblends_the_kept_map_without_a_forward_pass(xray_app, manifest_frame, monkeypatch):
     path = str(real_image(manifest_frame, "covid", "ieee8023"))
-    *_, shown = xray_app.analyse_and_keep(path, "gradcam", PREDICTED, 0.4)
+    shown = xray_app.show(path, "gradcam", PREDICTED, 0.4)[4]
     strong = xray_app.analyse(path, "gradcam", PREDICTED, 0.8)[2]
     calls = []
     for name in ("explain", "predict", "probabilities_and_features"):
@@ -214,10 +217,11 @@ def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, mani
     assert good[0].label in xray_app.predictor.classes and good[1] is not None
     bad = tmp_path / "notes.png"
     bad.write_text("definitely not an X-ray")
-    label, original, overlay, summary, shown, occlusion_result, occluded, eraser = xray_app.show(str(bad))
+    page = dict(zip(PAGE_OUTPUTS, xray_app.show(str(bad))))
+    label, summary = page["probabilities"], page["summary"]
     assert label.label == NO_RESULT and not label.confidences
-    assert original is None and overlay is None and shown is None
-    assert (occlusion_result, occluded, eraser) == ("", None, None)  # the previous image's map test goes too
+    assert page["original"] is None and page["overlay"] is None and page["kept"] is None
+    assert (page["occlusion_result"], page["occluded"], page["eraser"]) == ("", None, None)  # the map test goes too
     assert summary.startswith(f"### {ERROR_HEADLINE}\nnotes.png: not an image we can read")
     with pytest.raises(gr.Error, match="notes.png: not an image we can read"):
         xray_app.analyse(str(bad))
@@ -226,10 +230,11 @@ def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, mani
 
 
 def test_clearing_or_a_new_image_resets_the_page(xray_app, manifest_frame):
-    assert xray_app.cleared() == (PREDICTED, None, None, None, "", None, "", None, None)
+    empty = (None, None, None, "", None, "", None, None)  # PAGE_OUTPUTS up to the eraser
+    assert xray_app.cleared()[0] == PREDICTED and xray_app.cleared()[1:9] == empty
     # A class chosen before any upload: no update of the label (Gradio would swap in a fresh copy of
     # the component for the session, and every later result failed to show).
-    assert xray_app.reanalyse(None, "gradcam", "covid", 0.4) == (None, None, None, "", None, "", None, None)
+    assert xray_app.reanalyse(None, "gradcam", "covid", 0.4)[:8] == empty
     path = str(real_image(manifest_frame, "normal", "nih14"))
     decided = xray_app.predictor.predict(path).label
     other = next(c for c in xray_app.predictor.classes if c != decided)
@@ -498,17 +503,234 @@ def test_the_eraser_blanks_what_was_painted(xray_app, manifest_frame):
     from covidxr.occlusion import AS_IS, PAINTED_OVER
 
     path = str(real_image(manifest_frame, "covid", "ieee8023"))
-    *_, eraser = xray_app.show(path)
+    eraser = xray_app.show(path)[PAGE_OUTPUTS.index("eraser")]
     assert eraser.size == xray_app.show(path)[1].size  # it starts from the image as read
     width, height = eraser.size
     layer = np.zeros((height, width, 4), np.uint8)
     layer[: height // 5, : width // 3] = (255, 0, 255, 255)  # the top-left corner, where markers sit
     edited = {"background": np.asarray(eraser), "layers": [layer], "composite": None}
-    text, image, numbers = xray_app.erase(path, edited)
+    text, image = xray_app.erase(path, edited)
     test = xray_app.predictor.occlusion(path, painted=layer[..., 3] > 0)
-    assert numbers["blanked_probabilities"] == test.probabilities[PAINTED_OVER] != test.probabilities[AS_IS]
+    assert test.probabilities[PAINTED_OVER] != test.probabilities[AS_IS]
     assert text.startswith("**With what you painted over blanked**")
+    assert ", ".join(f"{c} {p:.0%}" for c, p in test.probabilities[PAINTED_OVER].items()) in text
     read = np.asarray(image)
     assert read.shape == (height, width) and read[: height // 5 - 2, : width // 3 - 2].std() < 1  # flat fill
     with pytest.raises(gr.Error, match="Paint over something"):
         xray_app.erase(path, {"background": np.asarray(eraser), "layers": [np.zeros_like(layer)], "composite": None})
+
+
+# -- several models: the bundled ones, side by side ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shelf_app(examples_dir):
+    from covidxr.predictor import ModelShelf
+
+    return XrayApp(examples_dir=examples_dir, models=ModelShelf.bundled())
+
+
+def _page(outputs) -> dict:
+    return dict(zip(PAGE_OUTPUTS, outputs))
+
+
+def _columns(app, outputs) -> list[tuple]:
+    """The compare view's columns: (text, label, map) per model, after PAGE_OUTPUTS."""
+    rest = list(outputs[len(PAGE_OUTPUTS):])
+    assert len(rest) == 3 * len(app.models.names)
+    return [tuple(rest[i:i + 3]) for i in range(0, len(rest), 3)]
+
+
+def _count_runs(app, monkeypatch) -> list[str]:
+    """Names of the models whose `explain` runs from now on."""
+    runs = []
+    for name in app.models.names:
+        predictor = app.models[name]
+        monkeypatch.setattr(predictor, "explain", lambda *a, _run=predictor.explain, _name=name, **k:
+                            (runs.append(_name), _run(*a, **k))[1])
+    return runs
+
+
+def test_every_bundled_model_is_offered_with_its_card(shelf_app):
+    from covidxr.checkpoint import BUNDLED
+
+    assert shelf_app.models.names == list(BUNDLED) and shelf_app.views == [*BUNDLED, "compare"]
+    for name in shelf_app.models.names:
+        card = shelf_app.card(name)
+        config = shelf_app.models.configs[name]
+        assert config["card"]["name"] == name and config["card"]["title"] in card
+        assert f"COVID AUROC {config['metrics']['covid']['auroc']:.3f}" in card
+        assert f"**{config['lung_focus']['mean']:.0%}**" in card and "Known shortcut" in card
+    assert shelf_app.classes == ["covid", "normal", "pneumonia"]
+
+
+def test_the_compare_view_shows_every_model_and_keeps_what_it_ran(shelf_app, manifest_frame, monkeypatch):
+    """One call fills a column per model (label, probabilities, map, lung focus against chance);
+    the same file asked again in this session, in any view, runs no model; another session's
+    request runs them again (nothing is shared between sessions)."""
+    path = str(real_image(manifest_frame, "covid", "ieee8023", 3))
+    runs = _count_runs(shelf_app, monkeypatch)
+    outputs = shelf_app.show(path, "gradcam", PREDICTED, 0.4, "compare", "session one")
+    page = _page(outputs)
+    assert runs == shelf_app.models.names
+    assert page["probabilities"] is None and page["overlay"] is None  # the single view is emptied
+    assert page["single_view"]["visible"] is False and page["compare_view"]["visible"] is True
+    for name, (text, label, mapped) in zip(shelf_app.models.names, _columns(shelf_app, outputs)):
+        predicted = shelf_app.models[name].predict(path)
+        assert label.label == predicted.label and text.startswith(f"#### {shelf_app.models.title(name)}")
+        assert f"**Prediction: {predicted.label}**" in text and "Lung focus" in text and "even spread" in text
+        assert mapped.size == _page(shelf_app.show(path, view=name))["overlay"].size
+    runs.clear()
+    for view in (*shelf_app.models.names, "compare"):
+        single = _page(shelf_app.show(path, "gradcam", PREDICTED, 0.4, view, "session one"))
+        if view != "compare":
+            assert single["probabilities"].label == shelf_app.models[view].predict(path).label
+            assert single["card"] == shelf_app.card(view) and single["single_view"]["visible"] is True
+    assert runs == []
+    shelf_app.show(path, "gradcam", PREDICTED, 0.4, "compare", "session two")
+    assert runs == shelf_app.models.names
+
+
+def test_a_class_a_model_lacks_is_explained_by_its_prediction(shelf_app, manifest_frame):
+    """The 2020 recipe has no pneumonia class: asked for pneumonia evidence, its map is of its
+    prediction, and it says so."""
+    path = str(real_image(manifest_frame, "pneumonia", "ieee8023"))
+    outputs = shelf_app.show(path, "gradcam", "pneumonia", 0.4, "compare")
+    texts = {name: text for name, (text, _, _) in zip(shelf_app.models.names, _columns(shelf_app, outputs))}
+    assert "No pneumonia class" in texts["recipe-2020"] and "evidence for pneumonia" not in texts["recipe-2020"]
+    assert "evidence for pneumonia" in texts["whole-image"]
+    single = _page(shelf_app.show(path, "gradcam", "pneumonia", 0.4, "recipe-2020"))
+    assert "has no pneumonia class" in single["summary"]
+
+
+def test_the_map_test_in_the_compare_view_tests_each_model(shelf_app, manifest_frame):
+    from covidxr.occlusion import AS_IS, OUTSIDE_LEFT
+
+    path = str(real_image(manifest_frame, "covid", "ieee8023"))
+    text, image = shelf_app.blank(path, "compare", "lungs")
+    for name in shelf_app.models.names:
+        assert f"#### {shelf_app.models.title(name)}" in text
+    assert LUNG_READER_MAP_TEST in text  # it reads only the lungs' box: nothing to blank
+    test = shelf_app.models["recipe-2020"].occlusion(path)
+    decided = test.decided[AS_IS]
+    assert f"{decided} {test.probabilities[OUTSIDE_LEFT][decided]:.0%} (as it is: " in text
+    with pytest.raises(gr.Error, match="reads only the lungs' box"):
+        shelf_app.occlusion(path, "lungs", "lung-reader")
+
+
+def test_the_api_answers_for_the_model_named(shelf_app, manifest_frame):
+    path = str(real_image(manifest_frame, "normal", "nih14"))
+    for name in shelf_app.models.names:
+        label, *_ = shelf_app.analyse(path, "gradcam", PREDICTED, 0.4, name)
+        assert label.label == shelf_app.models[name].predict(path).label
+        assert {c.label for c in label.confidences} == set(shelf_app.models[name].classes)
+    for wrong in ("compare", "densenet", 3):
+        with pytest.raises(gr.Error, match="Unknown model"):
+            shelf_app.analyse(path, "gradcam", PREDICTED, 0.4, wrong)
+    assert "model" in shelf_app.problems("gradcam", PREDICTED, 0.4, "x" * 10_000)
+    assert len(shelf_app.problems("gradcam", PREDICTED, 0.4, "x" * 10_000)["model"]) < 200
+
+
+def test_a_new_opacity_reblends_every_column(shelf_app, manifest_frame, monkeypatch):
+    path = str(real_image(manifest_frame, "covid", "ieee8023"))
+    kept = _page(shelf_app.show(path, "gradcam", PREDICTED, 0.4, "compare", "reblend"))["kept"]
+    runs = _count_runs(shelf_app, monkeypatch)
+    single, *columns = shelf_app.reblend(kept, 0.9)
+    assert runs == [] and isinstance(single, type(gr.skip())) and len(columns) == len(shelf_app.models.names)
+    strong = shelf_app.analyse(path, "gradcam", PREDICTED, 0.9, "lung-reader")[2]
+    assert columns[shelf_app.models.names.index("lung-reader")].tobytes() == strong.tobytes()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)])
+def test_browser_compare_view_one_request_per_action(served_app, width, height, tmp_path):
+    """In Chromium, at a desktop's and a phone's size: with "Compare all" picked, an example
+    click is one request and shows every model's label, probabilities, map and lung focus;
+    picking one model, then the comparison again, is one request each; the map test covers
+    every model; nothing is wider than the screen."""
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium (see README)"
+    from playwright.sync_api import sync_playwright
+
+    from covidxr.checkpoint import BUNDLED, read_config, checkpoint_path
+
+    titles = [read_config(checkpoint_path(name))["card"]["title"] for name in BUNDLED]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": width, "height": height})
+        joined = []
+        page.on("request", lambda request: joined.append(request.post_data_json["fn_index"])
+                if "/queue/join" in request.url else None)
+        page.goto(served_app)
+        page.get_by_text("not a medical device").wait_for(timeout=30_000)
+        functions = {dependency["id"]: dependency["api_name"]
+                     for dependency in page.evaluate("() => window.gradio_config.dependencies")}
+
+        def act(action, done):
+            joined.clear()
+            action()
+            done()
+            page.wait_for_timeout(1500)
+            return [functions[index] for index in joined]
+
+        maps = page.locator("#compare-view .compare-map img")
+        assert act(lambda: page.get_by_role("radio", name="Compare all").check(), lambda: None) == ["reanalyse_2"]
+        rows = page.locator("#examples tbody tr")
+        rows.first.wait_for(timeout=30_000)
+        assert act(lambda: rows.nth(1).click(), lambda: page.wait_for_function(
+            f"() => document.querySelectorAll('#compare-view .compare-map img').length == {len(BUNDLED)}",
+            timeout=120_000)) == ["analyse_example"]
+        # (Gradio puts the class on the block and on the text inside it: each column's text once.)
+        texts = list(dict.fromkeys(page.locator("#compare-view .compare-text").all_inner_texts()))
+        assert [text.split("\n")[0] for text in texts] == titles
+        assert all("Prediction:" in text and "Lung focus" in text for text in texts), texts
+        assert page.locator("#compare-view .compare-label dt").count() >= 2 * len(BUNDLED)  # bars in each column
+        assert not page.locator("#single-view").is_visible()
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= width  # nothing cut off
+        page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+        # One model, then the comparison again: one request each, served from what this session ran.
+        summary = page.locator("#summary")
+        assert act(lambda: page.get_by_role("radio", name=titles[1]).check(),
+                   lambda: summary.get_by_text("Prediction:").wait_for(timeout=60_000)) == ["reanalyse_2"]
+        assert page.locator("#model-card").get_by_text("Known shortcut").is_visible()
+        # (The maps load lazily: on a phone the last one is far below, so it is scrolled to first.)
+        assert act(lambda: page.get_by_role("radio", name="Compare all").check(),
+                   lambda: (maps.nth(len(BUNDLED) - 1).scroll_into_view_if_needed(timeout=60_000),
+                            maps.nth(len(BUNDLED) - 1).wait_for(timeout=60_000))) == ["reanalyse_2"]
+        assert act(lambda: page.locator("#blank-lungs").click(),
+                   lambda: page.locator("#occlusion-result").get_by_text(titles[-1]).wait_for(timeout=60_000)) \
+            == ["blank_lungs"]
+        result = page.locator("#occlusion-result").inner_text()
+        assert all(title in result for title in titles) and "With the lungs blanked" in result
+        page.screenshot(path=str(tmp_path / "map-test.png"), full_page=True)
+        if os.environ.get("COVIDXR_SCREENSHOTS"):  # to look at by eye
+            for name in ("compare.png", "map-test.png"):
+                shutil.copy(tmp_path / name, Path(os.environ["COVIDXR_SCREENSHOTS"]) / f"{width}-{name}")
+        browser.close()
+
+
+def test_the_deletion_curve_removes_the_maps_hottest_pixels_first(shelf_app, manifest_frame):
+    """Predictor.deletion_curve (pytorch-grad-cam's ROAD), the page's button and /deletion_curve:
+    the explained class's probability as the map's hottest pixels go, against random pixels."""
+    from covidxr.occlusion import DELETED
+
+    path = str(real_image(manifest_frame, "covid", "ieee8023"))
+    predictor = shelf_app.models["whole-image"]
+    curve = predictor.deletion_curve(path)
+    decided = predictor.predict(path)
+    assert curve.target == decided.decided and curve.as_is == pytest.approx(decided.probabilities[decided.decided],
+                                                                             abs=1e-4)
+    assert curve.removed == DELETED and len(curve.by_map) == len(curve.at_random) == len(DELETED)
+    assert all(0 <= p <= 1 for p in curve.by_map + curve.at_random)
+    assert curve.by_map != curve.at_random and predictor.deletion_curve(path) == curve  # seeded: the same again
+    assert curve.gap == pytest.approx(np.mean(curve.at_random) - np.mean(curve.by_map))
+    text, plot, numbers = shelf_app.deletion_api(path, "gradcam", PREDICTED, "whole-image")
+    assert numbers["by_map"] == curve.by_map and numbers["at_random"] == curve.at_random
+    assert f"{curve.target} {curve.by_map[DELETED.index(0.2)]:.0%} (as it is: {curve.as_is:.0%}" in text
+    assert f"on average {abs(curve.gap):.0%} {'lower' if curve.gap >= 0 else 'higher'}" in text
+    assert plot.mode == "RGB" and plot.size[0] > 400
+    # The compare view: one curve pair per model, named.
+    text, plot = shelf_app.deletion(path, "gradcam", PREDICTED, "compare")
+    assert all(f"#### {shelf_app.models.title(name)}" in text for name in shelf_app.models.names)
+    assert text.count("when chance does") == len(shelf_app.models.names)
+    with pytest.raises(gr.Error, match="Unknown model"):
+        shelf_app.deletion_api(path, "gradcam", PREDICTED, "compare")

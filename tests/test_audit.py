@@ -90,6 +90,29 @@ def test_store_notice_measures_the_chance_rule_on_validation_xrays(tmp_path):
     assert f"of this model's 12 val X-rays" in notice_facts(config)
 
 
+@pytest.mark.slow
+def test_hand_drawn_focus_is_stored_in_the_checkpoint_it_measured(tmp_path):
+    """--store-focus writes the hand-drawn-mask lung focus into the checkpoint's description (the
+    app's model card shows it), weights untouched; it needs --hand-masks and --checkpoint."""
+    import shutil
+
+    from covidxr.checkpoint import read_config
+
+    checkpoint = tmp_path / "model.safetensors"
+    shutil.copy(SHIPPED_CHECKPOINT, checkpoint)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoint), "--manifest", str(MANIFEST), "--store-focus"])
+    result = main(["--checkpoint", str(checkpoint), "--manifest", str(MANIFEST), "--split-csv", str(SHIPPED_SPLIT),
+                   "--hand-masks", "--store-focus", "--limit", "30", "--out", str(tmp_path / "audit")])
+    measured = result["hand_drawn"]
+    assert len(measured) > 0
+    stored = read_config(checkpoint)["lung_focus"]
+    assert stored["images"] == len(measured) and stored["target"] == "covid"
+    assert stored["mean"] == pytest.approx(measured["lung_focus"].mean())
+    assert 0 < stored["chance"] < 1 and stored["chance"] == pytest.approx(measured["chance"].mean())
+    assert SHIPPED_CHECKPOINT.read_bytes() != checkpoint.read_bytes()
+
+
 def test_occluded_views_blank_one_side_of_the_dilated_lungs():
     gray = np.random.default_rng(0).random((200, 160)).astype(np.float32)
     lungs = np.zeros(gray.shape, bool)

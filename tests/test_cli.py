@@ -1,6 +1,7 @@
 """The `covidxr` command: its sub-commands, and `covidxr predict` on folders, CSV, heatmaps and
 per-file errors."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -205,3 +206,19 @@ def test_heatmaps_of_huge_images_are_written_downscaled(tmp_path):
     written_width, written_height = Image.open(tmp_path / "cams" / "big_gradcam.png").size
     assert written_width == CAM_MAX_SIDE
     assert 0 < written_height - round(height * CAM_MAX_SIDE / width) < 300
+
+
+def test_checkpoint_options_take_a_bundled_models_name(tmp_path, manifest_frame, capsys):
+    """`--checkpoint recipe-2020` in any command; `covidxr describe NAME` prints the description."""
+    import pandas as pd
+
+    from covidxr.cli import main
+
+    image = real_image(manifest_frame, "normal", "nih14")
+    assert main(["predict", str(image), "--checkpoint", "recipe-2020", "--csv", str(tmp_path / "out.csv")]) == 0
+    row = pd.read_csv(tmp_path / "out.csv").iloc[0]
+    assert row["label"] in ("covid", "normal") and "p_pneumonia" not in row
+    capsys.readouterr()
+    assert main(["describe", "lung-reader"]) in (0, None)
+    described = json.loads(capsys.readouterr().out)
+    assert described["arch"] == "efficientnet_lite0" and described["card"]["name"] == "lung-reader"

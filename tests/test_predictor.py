@@ -76,3 +76,33 @@ def test_label_follows_the_decision_rule(predictor, manifest_frame):
             assert prediction.label == max(others, key=others.get)
         else:
             assert prediction.label == max(p, key=p.get)
+
+
+def test_bundled_models_load_by_name_and_describe_themselves(tmp_path, monkeypatch, manifest_frame):
+    """Predictor.load and every --checkpoint take a bundled model's name; each bundled file is
+    small (fp16 weights), carries its card, and predicts with its own classes."""
+    import torch
+    from safetensors import safe_open
+
+    from covidxr import Predictor
+    from covidxr.checkpoint import BUNDLED, DEFAULT_MODEL, WEIGHTS_DIR, checkpoint_path
+
+    assert checkpoint_path() == checkpoint_path(DEFAULT_MODEL) == SHIPPED_CHECKPOINT
+    path = real_image(manifest_frame, "covid", "ieee8023")
+    for name, file_name in BUNDLED.items():
+        file = checkpoint_path(name)
+        assert file == WEIGHTS_DIR / file_name and file.stat().st_size < 16 * 2**20
+        config = read_config(file)
+        assert config["card"]["name"] == name and all(config["card"][k] for k in ("title", "summary", "shortcut"))
+        assert "metrics" in config and "lung_focus" in config and not config.get("stale", {}).get("metrics")
+        with safe_open(str(file), "pt") as handle:  # the network's weights in fp16 (not the OOD statistics)
+            assert {handle.get_tensor(k).dtype for k in handle.keys() if not k.startswith("ood.")
+                    and handle.get_tensor(k).is_floating_point()} == {torch.float16}
+        predictor = Predictor.load(name)
+        assert predictor.classes == config["classes"] and predictor.predict(path).label in config["classes"]
+    assert Predictor.load("recipe-2020").classes == ["covid", "normal"]
+    # A file of that name where one works wins: a path is a path.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lung-reader").write_bytes(b"")
+    assert checkpoint_path("lung-reader") == tmp_path.joinpath("lung-reader").relative_to(tmp_path)
+    assert checkpoint_path("runs/x/model.safetensors").as_posix() == "runs/x/model.safetensors"
