@@ -66,7 +66,7 @@ COMPARE_INTRO = ("**Every model on the same X-ray.** Each map shows where that m
 # What the page's handlers return, in order (build's `outputs`), then three per compare column
 # (its text, probabilities and map) when there are several models.
 PAGE_OUTPUTS = ("probabilities", "original", "overlay", "summary", "kept", "occlusion_result", "occluded", "eraser",
-                "deletion_result", "deletion_plot", "card", "facts", "single_view", "compare_view")
+                "eraser_box", "deletion_result", "deletion_plot", "card", "facts", "single_view", "compare_view")
 LUNG_READER_MAP_TEST = ("This model reads only the lungs' box, found by the lung model: with the lungs blanked there "
                         "is nothing left for it to read. Its map cannot stray outside the lungs; the eraser still "
                         "tests what lies inside the box.")
@@ -406,7 +406,8 @@ class XrayApp:
     def page(self, view: str, shown: list[Shown], explain_class=PREDICTED, opacity: float = 0.4):
         """The page's outputs (`build`'s `outputs`) for the analyses `shown` (one per model in the
         compare view; one otherwise): the single view filled and the compare view empty, or the
-        other way round. Every new result clears the map test and resets the eraser."""
+        other way round. Every new result clears the map test and the deletion curve, and empties
+        and closes the eraser (opened, it loads the new image: `eraser_image`)."""
         compare = view == COMPARE
         # What a re-blend needs: each analysis's key (one kept without a session gets a random one).
         kept = {"view": view, "keys": [item.key or self.kept.keep(item) for item in shown]} if shown else None
@@ -422,8 +423,8 @@ class XrayApp:
                                                                          if item else ""),
                         label_data(item.verdict) if item else None,
                         item.overlay(float(opacity)) if item else None]
-        eraser = Image.fromarray(shown[0].image) if shown else None
-        return (*single, kept, *NO_OCCLUSION, eraser, *NO_OCCLUSION, self.card(view), self.facts(view),
+        return (*single, kept, *NO_OCCLUSION, None, gr.update(open=False), *NO_OCCLUSION, self.card(view),
+                self.facts(view),
                 gr.update(visible=not compare), gr.update(visible=compare), *columns)
 
     def column_text(self, shown: Shown, name: str, explain_class) -> str:
@@ -491,6 +492,14 @@ class XrayApp:
                            print_exception=False)
         text, image, _ = self.map_test(file, self.tested_models(view), PAINTED_OVER, "painted", painted)
         return text, image
+
+    def eraser_image(self, kept: dict | None):
+        """The eraser, opened: the image as the model read it, from this session's kept analysis."""
+        shown = self.kept.get(kept["keys"][0]) if isinstance(kept, dict) and kept.get("keys") else None
+        if shown is None:
+            gr.Info("Analyse an X-ray first (upload one or click an example); then paint over it here.")
+            return None
+        return Image.fromarray(shown.image)
 
     def tested_models(self, view: str | None) -> list[str]:
         if view == COMPARE:
@@ -734,12 +743,16 @@ class XrayApp:
                                 occluded = gr.Image(label="What the model read", type="pil", format="jpeg",
                                                     height=260, elem_id="occluded")
                                 occluded.postprocess = _saved_once(occluded)
-                        eraser = gr.ImageEditor(
-                            label="Paint over what to blank (a side marker, a text label, a tube)", type="numpy",
-                            sources=(), transforms=(), layers=False, format="png", height=380, elem_id="eraser",
-                            brush=gr.Brush(colors=["#ff00ff"], default_color="#ff00ff", color_mode="fixed",
-                                           default_size=24), buttons=[])
-                        erase = gr.Button("Blank what I painted, predict again", size="sm", elem_id="erase")
+                        # Closed until wanted: in the browser, an image editor handed each new result
+                        # redraws its canvas and held up every result by 1-1.5 s (BENCHMARKS.md).
+                        with gr.Accordion("Eraser: paint over a marker, a label or a tube, and predict again",
+                                          open=False, elem_id="eraser-box") as eraser_box:
+                            eraser = gr.ImageEditor(
+                                label="Paint over what to blank (a side marker, a text label, a tube)", type="numpy",
+                                sources=(), transforms=(), layers=False, format="png", height=380, elem_id="eraser",
+                                brush=gr.Brush(colors=["#ff00ff"], default_color="#ff00ff", color_mode="fixed",
+                                               default_size=24), buttons=[])
+                            erase = gr.Button("Blank what I painted, predict again", size="sm", elem_id="erase")
                         gr.Markdown(DELETION_INTRO)
                         deletion = gr.Button("Remove the map's hottest pixels first (a few seconds a model)", size="sm",
                                              elem_id="deletion")
@@ -757,13 +770,13 @@ class XrayApp:
             # The map test's result goes with the image it was made for: each new result clears it.
             # The single view and the compare view: the one shown is filled, the other emptied.
             outputs = [probabilities, original, overlay_image, summary, shown, occlusion_result, occluded, eraser,
-                       deletion_result, deletion_plot, card, facts, single_view, compare_view, *compare_outputs]
+                       eraser_box, deletion_result, deletion_plot, card, facts, single_view, compare_view, *compare_outputs]
             model = dict(concurrency_id="model", validator=self.admit)
             # Handlers run through `served` (serve_*); their API names stay the plain methods' names.
             # One request per user action: the upload, each change of method or class, each example
             # click; a new opacity only re-blends the kept map (tests/test_app.py counts them in Chromium).
             # A new image resets the explained class; an error takes the result area's place.
-            analysed = upload.upload(self.serve_upload, inputs, [explain_class, *outputs], api_name="show_new",
+            analysed = upload.upload(self.serve_upload, inputs, [explain_class, *outputs], api_name="show_new", show_progress="minimal",
                                      api_visibility="private", **model)
             analysed.success(None, js=SHOW_RESULT_JS)
             # An unexpected failure (the handler itself shows the expected ones) still clears the
@@ -797,6 +810,8 @@ class XrayApp:
                                 api_name="blank_outside", api_visibility="private", **tested)
             api.click(self.serve_occlusion, [upload, blanked, api_model], [occlusion_result, occluded, numbers],
                       api_name="occlusion", **tested)
+            eraser_box.expand(self.eraser_image, shown, eraser, api_name="eraser_image", api_visibility="private",
+                              concurrency_id="blend")  # the kept image: no model run
             erase.click(self.serve_erase, [upload, eraser, view], [occlusion_result, occluded], api_name="erase",
                         api_visibility="private", concurrency_id="model")
             # The deletion curve: one request per click; `/deletion_curve` also returns the numbers.

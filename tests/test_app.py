@@ -389,7 +389,10 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
                    lambda: page.locator("#occlusion-result").get_by_text("With the lungs blanked").wait_for(
                        timeout=60_000)) == ["blank_lungs"]
         assert page.locator("#occluded img").count() == 1
-        # The eraser: a stroke painted across the image, then one request, and its result in words.
+        # The eraser: opened (one request: the image from what the page keeps), a stroke painted
+        # across the image, then one request, and its result in words.
+        assert act(lambda: page.locator("#eraser-box").get_by_text("Eraser:").click(),
+                   lambda: page.locator("#eraser canvas").first.wait_for(timeout=60_000)) == ["eraser_image"]
         canvas = page.locator("#eraser canvas").first
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
@@ -503,8 +506,10 @@ def test_the_eraser_blanks_what_was_painted(xray_app, manifest_frame):
     from covidxr.occlusion import AS_IS, PAINTED_OVER
 
     path = str(real_image(manifest_frame, "covid", "ieee8023"))
-    eraser = xray_app.show(path)[PAGE_OUTPUTS.index("eraser")]
-    assert eraser.size == xray_app.show(path)[1].size  # it starts from the image as read
+    page = _page(xray_app.show(path))
+    assert page["eraser"] is None and page["eraser_box"] == gr.update(open=False)  # emptied, closed: no canvas work
+    eraser = xray_app.eraser_image(page["kept"])  # opened: the image as read, from what the page keeps
+    assert eraser.size == page["original"].size and xray_app.eraser_image(None) is None
     width, height = eraser.size
     layer = np.zeros((height, width, 4), np.uint8)
     layer[: height // 5, : width // 3] = (255, 0, 255, 255)  # the top-left corner, where markers sit
