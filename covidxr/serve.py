@@ -683,7 +683,6 @@ class XrayApp:
                     view = gr.Radio([(self.models.title(name), name) for name in names]
                                     + ([("Compare all", COMPARE)] if several else []), value=default,
                                     label="Model", visible=several, elem_id="model")
-                    card = gr.Markdown(self.card(default), visible=several, elem_id="model-card")
                     with gr.Row():
                         method = gr.Dropdown(method_choices(config), value="gradcam", label="Explanation method",
                                              info=method_info(config), scale=5, min_width=300, elem_id="method")
@@ -729,6 +728,8 @@ class XrayApp:
                                     compare_outputs += [said, bars, mapped]
                                     compare_images.append(mapped)
                         gr.HTML(LEGEND_HTML)
+                    # What the picked model is (or what the comparison shows), under its result.
+                    card = gr.Markdown(self.card(default), visible=several, elem_id="model-card")
                     with gr.Accordion("Test the map on this image", open=True, elem_id="map-test"):
                         gr.Markdown(MAP_TEST_INTRO)
                         with gr.Row():
