@@ -47,7 +47,7 @@ from starlette.middleware import Middleware
 
 from . import report
 from .checkpoint import checkpoint_path, current
-from .data import ImageLoadError
+from .data import ImageLoadError, load_image
 from .examples import FETCH_COMMAND, available_examples
 from .explain import METHODS, identical_methods, shrink
 from .legend import LEGEND_HTML
@@ -270,9 +270,13 @@ class XrayApp:
         """The validator of a map test: which side to blank and which model, checked before the
         job joins. (`settings`: the view on the page; (blanked, model) through the API.)"""
         checks = [gr.validate(True, "")]
-        if len(settings) == 2:
-            blanked, model = settings
-            problem = "" if blanked in BLANKED else f"Blank {' or '.join(map(repr, BLANKED))}, not {_quoted(blanked)}."
+        if len(settings) == 3:
+            blanked, model, _ = settings
+            problem = "" if blanked in (*BLANKED, "painted") else \
+                f"Blank {', '.join(map(repr, BLANKED))} or 'painted', not {_quoted(blanked)}."
+            checks.append(gr.validate(not problem, html.escape(problem, quote=False)))
+            settings = (model,)
+            checks.append(gr.validate(True, ""))  # the mask file: read by the handler
             checks.append(gr.validate(not problem, html.escape(problem, quote=False)))
             settings = (model,)
         problem = self.problems("gradcam", PREDICTED, 0.4, *settings).get("model", "") if settings else ""
@@ -465,17 +469,23 @@ class XrayApp:
         view = view if view in self.views else self.models.default
         return (PREDICTED, *self.page(view, []))
 
-    def occlusion(self, file, blanked: str = "lungs", model: str | None = None):
+    def occlusion(self, file, blanked: str = "lungs", model: str | None = None, painted=None):
         """(text, image, numbers) for the map test on this image (occlusion.py): the model again
-        with its `blanked` ("lungs", or "outside": all but the lungs) filled with the image's
-        median gray. The `/occlusion` API."""
-        if blanked not in BLANKED:
-            raise gr.Error(f"Blank the lungs or the outside, not {_quoted(blanked)}.", print_exception=False)
+        with its `blanked` ("lungs", or "outside": all but the lungs; "painted": what the mask
+        image `painted` marks, as the page's eraser) filled with the image's median gray. The
+        `/occlusion` API."""
+        if blanked not in (*BLANKED, "painted"):
+            raise gr.Error(f"Blank the lungs, the outside or what is painted, not {_quoted(blanked)}.",
+                           print_exception=False)
         model = model or self.models.default
         problems = self.problems("gradcam", PREDICTED, 0.4, model, views=self.models.names)
         if problems:
             raise gr.Error(html.escape(problems["model"], quote=False), print_exception=False)
-        text, image, numbers = self.map_test(file, [model], BLANKED[blanked], blanked)
+        if blanked == "painted":
+            mask = painted_file_mask(painted)
+            text, image, numbers = self.map_test(file, [model], PAINTED_OVER, blanked, mask)
+        else:
+            text, image, numbers = self.map_test(file, [model], BLANKED[blanked], blanked)
         return text, image, numbers[model]
 
     def blank(self, file, view: str | None, blanked: str):
@@ -596,8 +606,9 @@ class XrayApp:
     async def serve_blank_outside(self, file, view, request: gr.Request):
         return await self.served(request, self.blank, file, view, "outside")
 
-    async def serve_occlusion(self, file, blanked, model, request: gr.Request):
-        return await self.served(request, self.occlusion, file, blanked, model)
+    async def serve_occlusion(self, file, blanked, model, painted=None, request: gr.Request = None):
+        # (`painted` defaults to None: so the API's clients may leave the mask out.)
+        return await self.served(request, self.occlusion, file, blanked, model, painted)
 
     def reblend(self, kept: dict | None, opacity):
         """The overlays at a new opacity from the kept maps: no forward pass. A map no longer kept
@@ -804,12 +815,14 @@ class XrayApp:
             # The map test: one request per click; `/occlusion` also returns the numbers.
             numbers = gr.JSON(visible=False)
             blanked = gr.Textbox(visible=False)
+            painted = gr.File(visible=False, label="painted: a mask image, white where to blank")
+            painted.preprocess = _upload_path
             tested = dict(concurrency_id="model", validator=self.admit_occlusion)
             blank_lungs.click(self.serve_blank_lungs, [upload, view], [occlusion_result, occluded],
                               api_name="blank_lungs", api_visibility="private", **tested)
             blank_outside.click(self.serve_blank_outside, [upload, view], [occlusion_result, occluded],
                                 api_name="blank_outside", api_visibility="private", **tested)
-            api.click(self.serve_occlusion, [upload, blanked, api_model], [occlusion_result, occluded, numbers],
+            api.click(self.serve_occlusion, [upload, blanked, api_model, painted], [occlusion_result, occluded, numbers],
                       api_name="occlusion", **tested)
             eraser_box.expand(self.eraser_image, shown, eraser, api_name="eraser_image", api_visibility="private",
                               concurrency_id="blend")  # the kept image: no model run
@@ -890,6 +903,22 @@ def occlusion_text(test, view: str) -> str:
         return text + f"The lungs alone carry its answer: with everything else blanked it still says {decided}."
     return text + (f"With only the lungs it no longer says {decided}: what lies outside them was part of "
                    "its answer.")
+
+
+def painted_file_mask(file) -> np.ndarray:
+    """The mask of `/occlusion`'s "painted": an image file (any size; it is stretched over the
+    X-ray), white or any bright pixel where to blank."""
+    if not file:
+        raise gr.Error("Blanking what is painted needs the mask: an image, white where to blank.",
+                       print_exception=False)
+    try:
+        gray, _ = load_image(Path(file if isinstance(file, (str, Path)) else file.name))
+    except ImageLoadError as error:
+        raise gr.Error(html.escape(f"the mask: {error}", quote=False), print_exception=False) from error
+    mask = gray > 0.5
+    if not mask.any():
+        raise gr.Error("The mask marks nothing: paint white where to blank.", print_exception=False)
+    return mask
 
 
 def painted_mask(edited) -> np.ndarray | None:

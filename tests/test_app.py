@@ -306,6 +306,24 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
     assert set(numbers["as_is"]) == set(numbers["blanked_probabilities"]) == {"covid", "normal", "pneumonia"}
     with pytest.raises(Exception, match="not 'middle'"):
         client.predict(handle_file(str(example)), "middle", api_name="/occlusion")
+    # The eraser through the API: a mask image (any size, white where to blank), for a named model.
+    mask = np.zeros((100, 100), np.uint8)
+    mask[:20, :35] = 255  # the top-left corner, where markers sit
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    text, _, numbers = client.predict(handle_file(str(example)), "painted", "recipe-2020",
+                                      handle_file(str(tmp_path / "mask.png")), api_name="/occlusion")
+    assert text.startswith("**With what you painted over blanked**") and set(numbers["as_is"]) == {"covid", "normal"}
+    with pytest.raises(Exception, match="needs the mask"):
+        client.predict(handle_file(str(example)), "painted", api_name="/occlusion")
+    # Every model by name; the deletion curve with its numbers.
+    read, *_ = client.predict(handle_file(str(example)), "gradcam", "predicted class", 0.4, "recipe-2020",
+                              api_name="/predict")
+    assert {c["label"] for c in read["confidences"]} == {"covid", "normal"}
+    with pytest.raises(Exception, match="Unknown model"):
+        client.predict(handle_file(str(example)), "gradcam", "predicted class", 0.4, "compare", api_name="/predict")
+    text, plot, numbers = client.predict(handle_file(str(example)), "gradcam", "predicted class", "whole-image",
+                                         api_name="/deletion_curve")
+    assert "when chance does" in text and len(numbers["by_map"]) == len(numbers["removed"]) and Image.open(plot)
     # Every method name is still accepted, including those the page folds into Grad-CAM.
     hires, *_ = client.predict(handle_file(str(example)), "hirescam", "predicted class", 0.4, api_name="/predict")
     assert hires == label
@@ -521,6 +539,17 @@ def test_the_eraser_blanks_what_was_painted(xray_app, manifest_frame):
     assert ", ".join(f"{c} {p:.0%}" for c, p in test.probabilities[PAINTED_OVER].items()) in text
     read = np.asarray(image)
     assert read.shape == (height, width) and read[: height // 5 - 2, : width // 3 - 2].std() < 1  # flat fill
+    # The same through `/occlusion`'s "painted": a mask image file (any size) stretched over the X-ray.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        mask_file = Path(folder) / "mask.png"
+        Image.fromarray((layer[..., 3] > 0).astype(np.uint8) * 255).save(mask_file)
+        api_text, _, numbers = xray_app.occlusion(path, "painted", None, str(mask_file))
+        assert numbers["blanked_probabilities"] == test.probabilities[PAINTED_OVER] and api_text == text
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(mask_file)
+        with pytest.raises(gr.Error, match="marks nothing"):
+            xray_app.occlusion(path, "painted", None, str(mask_file))
     with pytest.raises(gr.Error, match="Paint over something"):
         xray_app.erase(path, {"background": np.asarray(eraser), "layers": [np.zeros_like(layer)], "composite": None})
 
