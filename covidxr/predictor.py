@@ -349,6 +349,12 @@ class ModelShelf:
         with self._lock:
             if name not in self._loaded:
                 predictor = Predictor.load(self.paths[name])
+                # One lung model for them all: it answers the same image once, whichever
+                # classifier's check or outline asks (segment.py keeps its last answers).
+                shared = next((loaded.segmenter for loaded in self._loaded.values()
+                               if loaded.lungs_checkpoint is None), None)
+                if shared is not None and predictor.lungs_checkpoint is None:
+                    predictor._segmenter = shared
                 if self.on_load:
                     self.on_load(predictor)
                 self._loaded[name] = predictor

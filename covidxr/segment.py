@@ -19,6 +19,8 @@ import datetime
 import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import cv2
@@ -38,6 +40,7 @@ from .model import fold_batch_norms
 
 SHIPPED_LUNGS = Path(__file__).parent / "weights" / "covidxr-lungs.safetensors"
 NORMALISATION = {"method": "minmax", "mean": 0.5, "std": 0.25}
+KEPT_ANSWERS = 16  # inputs whose lung probabilities a loaded segmenter keeps (64 x 64 floats each)
 
 
 # -- the network --------------------------------------------------------------------------------
@@ -99,6 +102,11 @@ class LungSegmenter:
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.config = config
         self.fingerprint = None
+        # The last few images' answers (`probabilities(..., keep=True)`): the not-a-chest-X-ray
+        # check and the lung outline of the same image, or of the same image for several
+        # classifiers (the app's compare view), ask for the very same 64-px input.
+        self._kept: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._kept_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None) -> "LungSegmenter":
@@ -111,9 +119,27 @@ class LungSegmenter:
         segmenter.fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         return segmenter
 
+    def probabilities(self, batch: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        """Lung probability (N, S, S) for prepared uint8 images (N, 1, S, S). With `keep`, the
+        answers for the last KEPT_ANSWERS inputs are kept and reused for the same bytes (only for a
+        loaded model: one being trained changes under it)."""
+        if not keep:
+            return self._probabilities(batch)
+        keys = [hashlib.blake2b(item.numpy().tobytes(), digest_size=16).digest() for item in batch.cpu()]
+        with self._kept_lock:
+            found = {key: self._kept[key] for key in keys if key in self._kept}
+        missing = [index for index, key in enumerate(keys) if key not in found]
+        if missing:
+            computed = self._probabilities(batch[missing])
+            with self._kept_lock:
+                for index, answer in zip(missing, computed):
+                    found[keys[index]] = self._kept[keys[index]] = answer
+                    while len(self._kept) > KEPT_ANSWERS:
+                        self._kept.popitem(last=False)
+        return torch.stack([found[key] for key in keys])
+
     @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Lung probability (N, S, S) for prepared uint8 images (N, 1, S, S)."""
+    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         norm = self.config["normalisation"]
         inputs = normalise(batch.to(self.device), norm["mean"], norm["std"]).contiguous(memory_format=torch.channels_last)
         # Scoring never updates batch-norm statistics, whatever mode a training loop left the model in.
@@ -123,7 +149,7 @@ class LungSegmenter:
     def segment(self, image) -> np.ndarray:
         """Boolean lung mask with the image's own height and width."""
         gray = load_grayscale(image)
-        probability = self.probabilities(prepare(gray, self.config["input_size"])[None])[0].numpy()
+        probability = self.probabilities(prepare(gray, self.config["input_size"])[None], keep=True)[0].numpy()
         # Clean at the network's resolution (25x fewer pixels than a 640-px image: the cleaning
         # cost more than the network), then let the upsampled probabilities draw the smooth edge:
         # only the pixels the cleaning changed (filled holes, dropped specks) are overwritten.

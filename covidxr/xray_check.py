@@ -170,7 +170,7 @@ class XrayCheck:
         uniform margins trimmed first (`trimmed`)."""
         upright = lung_view(gray)
         batch = torch.stack([upright, 255 - upright])  # the inverse, without a second full-size copy
-        upright, inverse = segmenter.probabilities(batch).numpy()
+        upright, inverse = segmenter.probabilities(batch, keep=True).numpy()
         return lung_shape(upright, self.template), lung_shape(inverse, self.template)
 
     def examine(self, gray: np.ndarray, colourfulness: float, segmenter=None) -> Finding:

@@ -336,6 +336,26 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
         assert summary.startswith(f"### {NOT_AN_XRAY_HEADLINE}") and "Prediction:" not in summary
 
 
+def _open_counting_requests(page, url):
+    """Open the app in `page`; returns act(action, done): runs `action`, waits for `done`, and
+    gives the API names of the queue requests the action sent (in order)."""
+    joined = []  # the function each queue request runs
+    page.on("request", lambda request: joined.append(request.post_data_json["fn_index"])
+            if "/queue/join" in request.url else None)
+    page.goto(url)
+    page.get_by_text("not a medical device").wait_for(timeout=30_000)
+    functions = {dependency["id"]: dependency["api_name"]
+                 for dependency in page.evaluate("() => window.gradio_config.dependencies")}
+
+    def act(action, done):
+        joined.clear()
+        action()
+        done()
+        page.wait_for_timeout(1500)  # time for any second request to show up
+        return [functions[index] for index in joined]
+    return act
+
+
 @pytest.mark.browser
 def test_browser_one_request_per_action_and_readable_examples(served_app, examples_dir, tmp_path):
     """In Chromium: every user action sends exactly one request to the queue (the dropdown's
@@ -354,23 +374,10 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync"])
         page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
-        joined = []  # the function each queue request runs
-        page.on("request", lambda request: joined.append(request.post_data_json["fn_index"])
-                if "/queue/join" in request.url else None)
         console_errors = []
         page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
         page.on("pageerror", lambda error: console_errors.append(str(error)))
-        page.goto(served_app)
-        page.get_by_text("not a medical device").wait_for(timeout=30_000)
-        functions = {dependency["id"]: dependency["api_name"]
-                     for dependency in page.evaluate("() => window.gradio_config.dependencies")}
-
-        def act(action, done):
-            joined.clear()
-            action()
-            done()
-            page.wait_for_timeout(1500)  # time for any second request to show up
-            return [functions[index] for index in joined]
+        act = _open_counting_requests(page, served_app)
 
         summary = page.locator("#summary")
         rows = page.locator("#examples tbody tr")
@@ -407,6 +414,9 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
                    lambda: page.locator("#occlusion-result").get_by_text("With the lungs blanked").wait_for(
                        timeout=60_000)) == ["blank_lungs"]
         assert page.locator("#occluded img").count() == 1
+        # On this example (the first) the shipped model's answer flips without the lungs: the
+        # shown probabilities changed, and the words say so.
+        assert "now says" in page.locator("#occlusion-result").inner_text()
         # The eraser: opened (one request: the image from what the page keeps), a stroke painted
         # across the image, then one request, and its result in words.
         assert act(lambda: page.locator("#eraser-box").get_by_text("Eraser:").click(),
@@ -595,6 +605,8 @@ def test_every_bundled_model_is_offered_with_its_card(shelf_app):
         assert f"COVID AUROC {config['metrics']['covid']['auroc']:.3f}" in card
         assert f"**{config['lung_focus']['mean']:.0%}**" in card and "Known shortcut" in card
     assert shelf_app.classes == ["covid", "normal", "pneumonia"]
+    # One lung model serves every classifier's check and outline (it keeps its last answers).
+    assert len({id(shelf_app.models[name].segmenter) for name in shelf_app.models.names}) == 1
 
 
 def test_the_compare_view_shows_every_model_and_keeps_what_it_ran(shelf_app, manifest_frame, monkeypatch):
@@ -691,20 +703,7 @@ def test_browser_compare_view_one_request_per_action(served_app, width, height, 
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                              args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": width, "height": height})
-        joined = []
-        page.on("request", lambda request: joined.append(request.post_data_json["fn_index"])
-                if "/queue/join" in request.url else None)
-        page.goto(served_app)
-        page.get_by_text("not a medical device").wait_for(timeout=30_000)
-        functions = {dependency["id"]: dependency["api_name"]
-                     for dependency in page.evaluate("() => window.gradio_config.dependencies")}
-
-        def act(action, done):
-            joined.clear()
-            action()
-            done()
-            page.wait_for_timeout(1500)
-            return [functions[index] for index in joined]
+        act = _open_counting_requests(page, served_app)
 
         maps = page.locator("#compare-view .compare-map img")
         assert act(lambda: page.get_by_role("radio", name="Compare all").check(), lambda: None) == ["reanalyse_2"]

@@ -495,7 +495,7 @@ def test_launched_app_refuses_hostile_requests_and_keeps_answering(served_app, b
     assert len(str(refused.value)) < 500
     # NaN is not JSON, so gradio_client will not send it; a raw request to the REST API can.
     request = urllib.request.Request(f"{served_app}gradio_api/call/predict", method="POST",
-                                     data=b'{"data": [null, "gradcam", "predicted class", NaN]}',
+                                     data=b'{"data": [null, "gradcam", "predicted class", NaN, "whole-image"]}',
                                      headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)

@@ -126,3 +126,25 @@ def test_tiny_training_run_and_contact_sheet(tmp_path, monkeypatch):
     assert {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")} == {steps}
     sheet = main(["--sheet", "--manifest", str(MANIFEST), "--out", str(tmp_path / "sheet")])
     assert Image.open(sheet).size[0] > 500
+
+
+def test_kept_answers_are_the_models_and_are_reused(manifest_frame, monkeypatch):
+    """probabilities(..., keep=True): the same answer as a fresh pass; the same input asked again
+    (the check, then the outline, of one image) runs no pass; at most KEPT_ANSWERS are kept."""
+    from covidxr.data import load_grayscale, prepare
+    from covidxr.segment import KEPT_ANSWERS
+
+    segmenter = LungSegmenter.load()
+    images = [prepare(load_grayscale(real_image(manifest_frame, "normal", "nih14", i)), 64) for i in range(3)]
+    batch = torch.stack(images[:2])
+    fresh = segmenter.probabilities(batch)
+    assert torch.equal(segmenter.probabilities(batch, keep=True), fresh)
+    passes = []
+    run = segmenter._probabilities
+    monkeypatch.setattr(segmenter, "_probabilities", lambda inputs: (passes.append(len(inputs)), run(inputs))[1])
+    assert torch.equal(segmenter.probabilities(batch[1:], keep=True), fresh[1:]) and passes == []
+    segmenter.probabilities(torch.stack(images[1:]), keep=True)
+    assert passes == [1]  # only the new image ran
+    for shift in range(KEPT_ANSWERS + 2):
+        segmenter.probabilities(torch.roll(images[2], shift + 1, dims=-1)[None], keep=True)
+    assert len(segmenter._kept) == KEPT_ANSWERS
