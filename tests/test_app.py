@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
-from conftest import real_image
+from conftest import MANIFEST, real_image
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -767,3 +767,27 @@ def test_the_deletion_curve_removes_the_maps_hottest_pixels_first(shelf_app, man
     assert text.count("when chance does") == len(shelf_app.models.names)
     with pytest.raises(gr.Error, match="Unknown model"):
         shelf_app.deletion_api(path, "gradcam", PREDICTED, "compare")
+
+
+def test_the_apis_blank_the_lungs_rows_equal_the_audits(xray_app):
+    """/occlusion's "lungs" on unseen test X-rays gives the very numbers `covidxr audit --occlusion`
+    writes for them (same fill, same model)."""
+    import pandas as pd
+
+    from covidxr.audit import occlusion_frame
+    from covidxr.data import select
+    from covidxr.occlusion import OUTSIDE_LEFT
+    from covidxr.predictor import SHIPPED_SPLIT
+
+    from covidxr.data import read_manifest
+
+    split = pd.read_csv(SHIPPED_SPLIT, dtype=str, keep_default_na=False)
+    manifest = read_manifest(MANIFEST)  # with each image's path
+    tested = manifest[manifest["filename"].isin(split.loc[split["split"] == "test", "filename"])]
+    frame = select(tested, {}, {c: c for c in xray_app.predictor.classes}).groupby("label").head(1)
+    frame = frame.reset_index(drop=True)
+    rows = occlusion_frame(xray_app.predictor, frame, progress=False)
+    for path, (_, row) in zip(frame["path"], rows.iterrows()):
+        _, _, numbers = xray_app.occlusion(str(path), "lungs")
+        assert numbers["blanked_probabilities"]["covid"] == pytest.approx(row[OUTSIDE_LEFT], abs=1e-6)
+        assert numbers["as_is"]["covid"] == pytest.approx(row["as is"], abs=1e-6)
