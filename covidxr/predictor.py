@@ -336,6 +336,12 @@ class ModelShelf:
         return list(self.paths)
 
     @property
+    def loaded(self) -> list[str]:
+        """The names of the models loaded so far."""
+        with self._lock:
+            return list(self._loaded)
+
+    @property
     def default(self) -> str:
         return self.names[0]
 

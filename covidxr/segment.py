@@ -119,6 +119,12 @@ class LungSegmenter:
         segmenter.fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         return segmenter
 
+    def forget(self) -> None:
+        """Drop the kept answers (the app does at the start of every job: nothing one request
+        asked is reused, or timed, by another)."""
+        with self._kept_lock:
+            self._kept.clear()
+
     def probabilities(self, batch: torch.Tensor, keep: bool = False) -> torch.Tensor:
         """Lung probability (N, S, S) for prepared uint8 images (N, 1, S, S). With `keep`, the
         answers for the last KEPT_ANSWERS inputs are kept and reused for the same bytes (only for a

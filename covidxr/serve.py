@@ -300,9 +300,19 @@ class XrayApp:
         client = _address(request)
         self.limits.started(client, getattr(request, "session_hash", None))
         try:
-            return await self.one_at_a_time.run(work, *args)
+            return await self.one_at_a_time.run(self._on_its_own, work, *args)
         finally:
             self.limits.ended(client)
+
+    def _on_its_own(self, work, *args):
+        """`work(*args)` with nothing of another request's lung-model answers kept (segment.py
+        keeps them within a job: an image's check and outline, or the compare view's models,
+        share one pass), so no request can time whether another's X-ray was seen."""
+        for name in self.models.loaded:
+            segmenter = self.models[name]._segmenter
+            if segmenter:
+                segmenter.forget()
+        return work(*args)
 
     # The page's and the API's handlers: each runs its plain method below through `served`.
     async def serve_analyse(self, file, method, explain_class, opacity, model, request: gr.Request):

@@ -791,3 +791,21 @@ def test_the_apis_blank_the_lungs_rows_equal_the_audits(xray_app):
         _, _, numbers = xray_app.occlusion(str(path), "lungs")
         assert numbers["blanked_probabilities"]["covid"] == pytest.approx(row[OUTSIDE_LEFT], abs=1e-6)
         assert numbers["as_is"]["covid"] == pytest.approx(row["as is"], abs=1e-6)
+
+
+def test_no_request_reuses_anothers_lung_model_answers(shelf_app, manifest_frame):
+    """Within one job the lung model answers an image once (the check, the outline, every model of
+    the compare view); each job starts with none kept, so no request can time another's X-ray."""
+    import asyncio
+
+    path = str(real_image(manifest_frame, "normal", "nih14", 2))
+    segmenter = shelf_app.predictor.segmenter
+    shelf_app.show(path, view="compare")
+    assert len(segmenter._kept) > 0
+
+    class Request:
+        client = type("Client", (), {"host": "127.0.0.9"})()
+        session_hash = "another page"
+
+    seen = asyncio.run(shelf_app.served(Request(), lambda: len(segmenter._kept)))
+    assert seen == 0
