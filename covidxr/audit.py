@@ -277,7 +277,8 @@ def _lowest_sheet(predictor: Predictor, table: pd.DataFrame, frame: pd.DataFrame
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None, help="classifier (default: the shipped model)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None,
+                        help="classifier (default: the shipped model)")
     parser.add_argument("--lungs", default=None, help="lung checkpoint (default: the shipped one)")
     parser.add_argument("--data", default=None,
                         help="data folder with manifest.csv (default: $COVIDXR_DATA, else ../shared/data/cxr)")

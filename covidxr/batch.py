@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="the heatmaps' method")
     parser.add_argument("--cam-target", default=PREDICTED, metavar="CLASS",
                         help="the class whose evidence the heatmaps show (default: the predicted class)")
-    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None, help="safetensors checkpoint (default: the shipped model)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None,
+                        help="safetensors checkpoint (default: the shipped model)")
     args = parser.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets an escape
         sys.stdout.reconfigure(errors="backslashreplace")

@@ -180,7 +180,8 @@ def stamp(checkpoint: str | Path, result: dict, folds_dir: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="covidxr calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds-dir", required=True, help="folder whose sub-folders are the fold runs")
-    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", help="write temperature and threshold into this checkpoint")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME",
+                        help="write temperature and threshold into this checkpoint")
     parser.add_argument("--target-sensitivity", type=float, default=TARGET_SENSITIVITY)
     parser.add_argument("--out", default=None, help="folder for calibration.json and reliability.png")
     args = parser.parse_args(argv)

@@ -57,7 +57,8 @@ class Description(TypedDict, total=False):
     ood: dict  # the not-a-chest-X-ray check (ood.py): its statistics' description and thresholds
     lung_focus_notice: dict  # the lungs-outside notice: its rule (chance), how often it fires, the split measured on
     lung_focus: dict  # the COVID map's share inside hand-drawn lung masks on unseen X-rays, with its chance level
-    #                   (audit --hand-masks --store): {"mean", "chance", "images", "method", "split", "command"}
+    #                   (audit --hand-masks --store-focus): {"mean", "chance", "images", "method", "target",
+    #                   "split", "masks"}
     card: dict  # for people choosing a model: {"name", "title", "summary", "shortcut"} (plain words; the
     #             numbers are the fields above)
     stale: dict[str, str]  # measured fields whose inputs changed since they were measured: field -> why.

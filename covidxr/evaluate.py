@@ -430,7 +430,8 @@ def write_gallery(predictor: Predictor, frame: pd.DataFrame, report: dict, out_d
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None, help="safetensors checkpoint (default: the shipped model)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None,
+                        help="safetensors checkpoint (default: the shipped model)")
     parser.add_argument("--data", default=None,
                         help="data folder with manifest.csv (default: $COVIDXR_DATA, else ../shared/data/cxr)")
     parser.add_argument("--manifest", default=None,

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                              "else ~/.cache/covidxr/examples; the app shows them from there)")
     parser.add_argument("--mirror", default=None, metavar="URL",
                         help="with --download: replace the URLs' scheme and host by this one (as `covidxr data download`)")
-    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None, help="with --describe: the model (default: the shipped one)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None,
+                        help="with --describe: the model (default: the shipped one)")
     args = parser.parse_args(argv)
 
     if args.describe:

@@ -93,7 +93,8 @@ def table(results: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="How often a checkpoint calls adults of hospitals it never saw "
                                                  "COVID (none of them has COVID).")
-    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None, help="classifier checkpoint (default: the shipped one)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None,
+                        help="classifier checkpoint (default: the shipped one)")
     parser.add_argument("--data", default=None, help="data folder; the hospitals are in 'external' beside it")
     parser.add_argument("--external-dir", default=None, help="folder of hospital sets (default: see --data)")
     parser.add_argument("--include-trained", action="store_true",

@@ -109,6 +109,12 @@ class DeletionCurve:
     as_is: float
     by_map: list[float]
     at_random: list[float]
+    reasons: list[str]  # why the not-a-chest-X-ray check refuses the image; empty for an X-ray
+
+    @property
+    def not_an_xray(self) -> bool:
+        """The image is refused: its map, and so its curve, means nothing."""
+        return bool(self.reasons)
 
     @property
     def gap(self) -> float:
@@ -128,10 +134,11 @@ def deletion_curve(predictor, image, method: str = "gradcam", target: str | None
     from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
     import torch
 
-    gray, _ = load_image(image)
+    gray, colour = load_image(image)
     with predictor.lock:
         explainer = predictor.explainer
-        small, _, deciding, probabilities, _, inputs = explainer.network_map(gray, method, target)
+        small, _, deciding, probabilities, features, inputs = explainer.network_map(gray, method, target)
+        reasons, _ = predictor.input_check(gray, colour, features)
         index = predictor.classes.index(deciding.target)
         rng = np.random.default_rng(seed)
         maps = {"map": small + rng.random(small.shape, dtype=np.float32) * 1e-6,
@@ -150,7 +157,7 @@ def deletion_curve(predictor, image, method: str = "gradcam", target: str | None
                     curves[name].append(float(np.asarray(after).reshape(-1)[0]))
         explainer.hooks.clear()
     return DeletionCurve(deciding.target, method, tuple(removed), float(probabilities[index]), curves["map"],
-                         curves["random"])
+                         curves["random"], reasons)
 
 
 def plot_deletion(curves: dict[str, DeletionCurve]):

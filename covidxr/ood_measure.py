@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         "Measure the not-a-chest-X-ray check (false refusals on test X-rays, their simulated hospital changes "
         "and other hospitals' X-rays; missed refusals on pictures that are not X-rays), and fit, measure and "
         "store a run's feature-distance warning."))
-    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None, help="the run's checkpoint (default: the shipped model)")
+    parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None,
+                        help="the run's checkpoint (default: the shipped model)")
     parser.add_argument("--split-csv", required=True, help="the run's split.csv (its test rows are measured)")
     parser.add_argument("--data", default=None,
                         help="data folder holding the split's images (default: $COVIDXR_DATA, else ../shared/data/cxr)")

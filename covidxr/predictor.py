@@ -335,11 +335,13 @@ class ModelShelf:
     def names(self) -> list[str]:
         return list(self.paths)
 
-    @property
-    def loaded(self) -> list[str]:
-        """The names of the models loaded so far."""
+    def forget_lung_answers(self) -> None:
+        """Drop what the lung model(s) of the loaded models keep (segment.py): the app does at
+        the start of each request, so that no request reuses, or can time, another's."""
         with self._lock:
-            return list(self._loaded)
+            for predictor in self._loaded.values():
+                if predictor._segmenter:
+                    predictor._segmenter.forget()
 
     @property
     def default(self) -> str:

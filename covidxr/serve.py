@@ -147,8 +147,9 @@ def model_card(config: dict) -> str:
     lines = [f"**{card.get('title', config['arch'])}.** {card.get('summary', '')}".strip()]
     metrics = current(config, "metrics") or {}
     if "covid" in metrics:
-        numbers = (f"Test ({metrics['n']} unseen X-rays): COVID AUROC {metrics['covid']['auroc']:.3f}, "
-                   f"sensitivity {metrics['covid']['sensitivity']:.2f}, specificity {metrics['covid']['specificity']:.2f}")
+        covid = metrics["covid"]
+        numbers = (f"Test ({metrics['n']} unseen X-rays): COVID AUROC {covid['auroc']:.3f}, "
+                   f"sensitivity {covid['sensitivity']:.2f}, specificity {covid['specificity']:.2f}")
         if metrics.get("adult_normals_called_covid") is not None:
             numbers += f"; adult normals called COVID {metrics['adult_normals_called_covid']:.0%}"
         lines.append(numbers + ".")
@@ -219,7 +220,8 @@ class XrayApp:
         # One model (a Predictor given, as with a checkpoint of one's own) or a shelf of several
         # (the bundled ones): a visitor picks one, or compares them all (COMPARE).
         self.models = models or ModelShelf({"model": None}, loaded={"model": predictor})
-        self.models.on_each(lambda loaded: loaded.add_forward_check(stop_if_cancelled))  # a cancel stops at the next pass
+        # A cancelled analysis stops at its next forward pass, whichever model runs it.
+        self.models.on_each(lambda loaded: loaded.add_forward_check(stop_if_cancelled))
         self.predictor = self.models[self.models.default]  # the examples' captions; the API's default
         self.examples = available_examples(examples_dir) if examples_dir else available_examples()
         self.demo = None  # the Blocks, once built
@@ -267,20 +269,22 @@ class XrayApp:
                 for name in names]
 
     def admit_occlusion(self, file, *settings):
-        """The validator of a map test: which side to blank and which model, checked before the
-        job joins. (`settings`: the view on the page; (blanked, model) through the API.)"""
-        checks = [gr.validate(True, "")]
+        """The validator of a map test, one check per input: which side to blank and which model,
+        checked before the job joins. `settings`: the page's (view,), or the API's (blanked,
+        model, painted); the files are read, and refused, by the handler."""
+        side = None
         if len(settings) == 3:
             blanked, model, _ = settings
-            problem = "" if blanked in (*BLANKED, "painted") else \
+            side = "" if blanked in (*BLANKED, "painted") else \
                 f"Blank {', '.join(map(repr, BLANKED))} or 'painted', not {_quoted(blanked)}."
-            checks.append(gr.validate(not problem, html.escape(problem, quote=False)))
-            settings = (model,)
-            checks.append(gr.validate(True, ""))  # the mask file: read by the handler
-            checks.append(gr.validate(not problem, html.escape(problem, quote=False)))
-            settings = (model,)
-        problem = self.problems("gradcam", PREDICTED, 0.4, *settings).get("model", "") if settings else ""
-        return checks + [gr.validate(not problem, html.escape(problem, quote=False)) for _ in settings]
+        else:
+            (model,) = settings
+        problem = self.problems("gradcam", PREDICTED, 0.4, model).get("model", "")
+        checks = [gr.validate(True, "")]
+        if side is not None:
+            checks.append(gr.validate(not side, html.escape(side, quote=False)))
+        checks.append(gr.validate(not problem, html.escape(problem, quote=False)))
+        return checks + ([gr.validate(True, "")] if side is not None else [])
 
     def admit_settings(self, file, method, explain_class, view):
         """The validator of a deletion curve: method, class and model checked before the job joins."""
@@ -308,10 +312,7 @@ class XrayApp:
         """`work(*args)` with nothing of another request's lung-model answers kept (segment.py
         keeps them within a job: an image's check and outline, or the compare view's models,
         share one pass), so no request can time whether another's X-ray was seen."""
-        for name in self.models.loaded:
-            segmenter = self.models[name]._segmenter
-            if segmenter:
-                segmenter.forget()
+        self.models.forget_lung_answers()
         return work(*args)
 
     # The page's and the API's handlers: each runs its plain method below through `served`.
@@ -586,12 +587,12 @@ class XrayApp:
             predictor = self.models[name]
             target = explain_class if explain_class in predictor.classes else None
             try:
-                if predictor.predict(path).not_an_xray:
-                    raise gr.Error("This does not look like a frontal chest X-ray: its map means nothing to test.",
-                                   print_exception=False)
                 curve = predictor.deletion_curve(path, method, target)
             except ImageLoadError as error:
                 raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
+            if curve.not_an_xray:
+                raise gr.Error("This does not look like a frontal chest X-ray: its map means nothing to test.",
+                               print_exception=False)
             stop_if_cancelled()
             numbers[name] = {"target": curve.target, "method": curve.method, "removed": list(curve.removed),
                              "as_is": curve.as_is, "by_map": curve.by_map, "at_random": curve.at_random,
@@ -792,13 +793,17 @@ class XrayApp:
             # The map test's result goes with the image it was made for: each new result clears it.
             # The single view and the compare view: the one shown is filled, the other emptied.
             outputs = [probabilities, original, overlay_image, summary, shown, occlusion_result, occluded, eraser,
-                       eraser_box, deletion_result, deletion_plot, card, facts, single_view, compare_view, *compare_outputs]
+                       eraser_box, deletion_result, deletion_plot, card, facts, single_view, compare_view,
+                       *compare_outputs]
             model = dict(concurrency_id="model", validator=self.admit)
             # Handlers run through `served` (serve_*); their API names stay the plain methods' names.
             # One request per user action: the upload, each change of method or class, each example
             # click; a new opacity only re-blends the kept map (tests/test_app.py counts them in Chromium).
             # A new image resets the explained class; an error takes the result area's place.
-            analysed = upload.upload(self.serve_upload, inputs, [explain_class, *outputs], api_name="show_new", show_progress="minimal",
+            # Minimal progress: the full overlay's animation on every output took CPU from the
+            # analysis on a small server (BENCHMARKS.md, "In the browser").
+            analysed = upload.upload(self.serve_upload, inputs, [explain_class, *outputs], api_name="show_new",
+                                     show_progress="minimal",
                                      api_visibility="private", **model)
             analysed.success(None, js=SHOW_RESULT_JS)
             # An unexpected failure (the handler itself shows the expected ones) still clears the
@@ -832,7 +837,8 @@ class XrayApp:
                               api_name="blank_lungs", api_visibility="private", **tested)
             blank_outside.click(self.serve_blank_outside, [upload, view], [occlusion_result, occluded],
                                 api_name="blank_outside", api_visibility="private", **tested)
-            api.click(self.serve_occlusion, [upload, blanked, api_model, painted], [occlusion_result, occluded, numbers],
+            api.click(self.serve_occlusion, [upload, blanked, api_model, painted],
+                      [occlusion_result, occluded, numbers],
                       api_name="occlusion", **tested)
             eraser_box.expand(self.eraser_image, shown, eraser, api_name="eraser_image", api_visibility="private",
                               concurrency_id="blend")  # the kept image: no model run
@@ -1144,7 +1150,8 @@ def launch(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7
     app = xray_app.build()
     # Outermost first: expired logins are dropped before anything reads them.
     middleware = [Middleware(LoginGuard().middleware)] if auth else []
-    middleware += [Middleware(SecurityHeaders), Middleware(KnownEndpoints, api_names={"predict", "occlusion", "deletion_curve"}),
+    middleware += [Middleware(SecurityHeaders),
+                   Middleware(KnownEndpoints, api_names={"predict", "occlusion", "deletion_curve"}),
                    Middleware(xray_app.limits.middleware)]
     # quiet: Gradio's own banner tells users to "set `share=True` in `launch()`"; ours names the flag.
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,

@@ -741,7 +741,7 @@ def test_browser_compare_view_one_request_per_action(served_app, width, height, 
         browser.close()
 
 
-def test_the_deletion_curve_removes_the_maps_hottest_pixels_first(shelf_app, manifest_frame):
+def test_the_deletion_curve_removes_the_maps_hottest_pixels_first(shelf_app, manifest_frame, tmp_path):
     """Predictor.deletion_curve (pytorch-grad-cam's ROAD), the page's button and /deletion_curve:
     the explained class's probability as the map's hottest pixels go, against random pixels."""
     from covidxr.occlusion import DELETED
@@ -767,6 +767,15 @@ def test_the_deletion_curve_removes_the_maps_hottest_pixels_first(shelf_app, man
     assert text.count("when chance does") == len(shelf_app.models.names)
     with pytest.raises(gr.Error, match="Unknown model"):
         shelf_app.deletion_api(path, "gradcam", PREDICTED, "compare")
+    # A photo: the curve carries the input check's refusal, and the page and the API refuse it.
+    from skimage import data
+
+    assert not curve.not_an_xray and curve.reasons == []
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.png")
+    photo = predictor.deletion_curve(tmp_path / "coffee.png")
+    assert photo.not_an_xray and photo.reasons == predictor.predict(tmp_path / "coffee.png").reasons
+    with pytest.raises(gr.Error, match="does not look like a frontal chest X-ray"):
+        shelf_app.deletion_api(str(tmp_path / "coffee.png"), "gradcam", PREDICTED, "whole-image")
 
 
 def test_the_apis_blank_the_lungs_rows_equal_the_audits(xray_app):
@@ -809,3 +818,14 @@ def test_no_request_reuses_anothers_lung_model_answers(shelf_app, manifest_frame
 
     seen = asyncio.run(shelf_app.served(Request(), lambda: len(segmenter._kept)))
     assert seen == 0
+
+
+def test_the_map_tests_validator_checks_each_input_in_its_place(shelf_app):
+    """One check per input, in the inputs' order: the page's (file, view); the API's (file,
+    blanked, model, painted)."""
+    page = shelf_app.admit_occlusion("x.png", "densenet")
+    assert [check["is_valid"] for check in page] == [True, False] and "Unknown model" in page[1]["message"]
+    api = shelf_app.admit_occlusion("x.png", "middle", "densenet", None)
+    assert [check["is_valid"] for check in api] == [True, False, False, True]
+    assert "not 'middle'" in api[1]["message"] and "Unknown model" in api[2]["message"]
+    assert all(check["is_valid"] for check in shelf_app.admit_occlusion("x.png", "painted", "recipe-2020", None))
