@@ -1,9 +1,11 @@
 """Serving stage: the Gradio app around `Predictor.predict` and `Predictor.explain`.
 
 `main` is its command line (`python app.py`, `covidxr serve`). The one analysis function,
-`XrayApp.analyse_and_keep`, serves the upload, the examples, a change of method or class and
-the programmatic endpoint `/predict` alike, one request per user action; a new opacity only
-re-blends the map kept for the session (sessions.py: the session holds only a key). Every
+`XrayApp.analysed` (one model, one file), serves the upload, the examples, a change of model,
+view, method or class and the programmatic endpoint `/predict` alike, one request per user
+action; "Compare all" runs it for each bundled model (predictor.ModelShelf). What a page session
+analysed is kept (sessions.py: the session holds only keys), so a view picked again runs no
+model and a new opacity only re-blends. Every
 handler runs through `XrayApp.served`: one analysis at a time, stoppable by a cancel
 (limits.py). What the page says is the analysis's verdict (report.py), as in the CLI and the
 API: this module only wires it into Gradio. An input the not-an-X-ray check refuses gets no
