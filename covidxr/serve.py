@@ -76,9 +76,10 @@ NOTICE = ("**Research and teaching tool, not a medical device.** Not validated f
           "do not use it to diagnose, treat or triage anyone.")
 # Uploads above this are refused by the server before they reach the model.
 MAX_FILE_SIZE = "40mb"
-# The two images go back at most this many pixels a side: enough for the full-screen view,
-# and a 3,000-px DICOM no longer costs its colour mapping, JPEG encoding and transfer at full size.
-DISPLAY_SIDE = 1024
+# The two images go back at most this many pixels a side: twice the 380-px box they are shown
+# in, and a 1-megapixel upload no longer pays for its colour mapping, JPEG encoding, transfer and
+# drawing at full size (1024 cost 34 ms a result in the overlay alone). The model reads the full image.
+DISPLAY_SIDE = 768
 M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
 # Uploads and results are deleted this long after they were made; the check runs as often.
 FILE_LIFETIME_S = 3600

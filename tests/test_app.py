@@ -516,7 +516,7 @@ def test_the_map_test_blanks_one_side_and_says_what_changed(xray_app, manifest_f
     assert text.startswith(f"**With the lungs blanked**: {decided} {test.probabilities[OUTSIDE_LEFT][decided]:.0%} "
                            f"(as it is: {test.probabilities[AS_IS][decided]:.0%})")
     assert ("without seeing the lungs" in text) is (test.decided[OUTSIDE_LEFT] == decided)
-    assert image.size[0] <= 1024 and image.mode == "L"
+    assert max(image.size) <= DISPLAY_SIDE and image.mode == "L"
     text, _, numbers = xray_app.occlusion(path, "outside")
     assert text.startswith("**With only the lungs left**") and numbers["blanked"] == "outside"
     with pytest.raises(gr.Error, match="not 'middle'"):
