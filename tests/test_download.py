@@ -530,3 +530,78 @@ def test_download_module_does_not_import_torch():
             "print(sorted(name for name in ('torch', 'pandas', 'covidxr') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The hospitals outside the training sources (../shared/data/external): --external NAME
+# --------------------------------------------------------------------------------------------
+
+EXTERNAL_DIR = DATA_DIR.parent / "external"
+
+
+@pytest.mark.parametrize("name", ["shenzhen", "montgomery"])
+def test_packaged_external_lists_are_the_shared_manifests(name):
+    ours = pd.read_csv(download.EXTERNAL_LISTS[name], dtype=str, keep_default_na=False)
+    shared = pd.read_csv(EXTERNAL_DIR / name / "manifest.csv", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(ours, shared)
+    assert download.EXTERNAL_LISTS[name] == REPO / "covidxr" / "lists" / f"external-{name}.csv"
+    assert ours["source_url"].str.fullmatch(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[0-9a-f]{40}/.+").all()
+    assert ours["sha256"].str.fullmatch(r"[0-9a-f]{64}").all() and ours["filename"].is_unique
+
+
+def _as_original(pixels: Image.Image, mode: str) -> bytes:
+    """The shared copy's pixels as an original could hold them: RGB with R = G = B, gray with an
+    opaque alpha channel, or 16-bit gray; saved without Pillow's optimisation."""
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(pixels, np.uint16) * 257).astype(np.uint16))
+    else:
+        image = pixels.convert(mode)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_external_set_rebuilt_through_a_mirror_is_the_shared_one_byte_for_byte(mirror, tmp_path, capsys):
+    """Originals whose pixels are the shared copies' (in RGB, gray + alpha and 16-bit gray) come
+    out as the shared files exactly, in the shared layout, with the shared manifest's rows."""
+    served, url, _ = mirror
+    rows = []
+    for name, mode in [("shenzhen", "RGB"), ("shenzhen", "LA"), ("montgomery", "I;16"), ("montgomery", "L")]:
+        shared = pd.read_csv(EXTERNAL_DIR / name / "manifest.csv", dtype=str, keep_default_na=False)
+        row = shared[shared.label == ("other" if mode == "LA" else "normal")].iloc[len(rows) % 2].to_dict()
+        original = _as_original(Image.open(EXTERNAL_DIR / name / row["filename"]), mode)
+        assert original != (EXTERNAL_DIR / name / row["filename"]).read_bytes()
+        place = served / mirrored(row["source_url"], "http://x/").removeprefix("http://x/")
+        place.parent.mkdir(parents=True, exist_ok=True)
+        place.write_bytes(original)
+        rows.append(dict(row, sha256=hashlib.sha256(original).hexdigest(), _from=name))
+    manifest = tmp_path / "external.csv"
+    pd.DataFrame(rows).drop(columns="_from").to_csv(manifest, index=False)
+    out = tmp_path / "external"
+    assert run(manifest, out, url, "--gray-png") == 0
+    for row in rows:
+        assert (out / row["filename"]).read_bytes() == (EXTERNAL_DIR / row["_from"] / row["filename"]).read_bytes()
+    assert len(pd.read_csv(out / "manifest.csv")) == 4
+    # A second run finds them complete (8-bit gray PNGs) and fetches nothing.
+    capsys.readouterr()
+    assert run(manifest, out, url, "--gray-png") == 0
+    assert "0 downloaded, 4 already present" in capsys.readouterr().out
+
+
+def test_external_uses_its_packaged_list_and_refuses_bytes_that_are_not_the_original(mirror, tmp_path, capsys):
+    """--external montgomery reads covidxr/lists/external-montgomery.csv: the shared copy served
+    in place of its original does not match the original's sha256, and is refused."""
+    served, url, state = mirror
+    shared = pd.read_csv(EXTERNAL_DIR / "montgomery" / "manifest.csv", dtype=str, keep_default_na=False)
+    row = shared.iloc[0]
+    place = served / mirrored(row["source_url"], "http://x/").removeprefix("http://x/")
+    place.parent.mkdir(parents=True, exist_ok=True)
+    place.write_bytes((EXTERNAL_DIR / "montgomery" / row["filename"]).read_bytes())
+    out = tmp_path / "montgomery"
+    code = main(["--external", "montgomery", "--out", str(out), "--mirror", url, "--only", row["label"],
+                 "--limit", "1", "--backoff", "0"])
+    assert code == 1
+    assert state["requests"] == [mirrored(row["source_url"], "http://x/").removeprefix("http://x")]
+    assert "sha256" in capsys.readouterr().out and not (out / row["filename"]).exists()
+    with pytest.raises(SystemExit):  # one list or the other
+        main(["--external", "montgomery", "--manifest", str(MANIFEST), "--out", str(out)])
