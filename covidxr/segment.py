@@ -152,10 +152,14 @@ class LungSegmenter:
         self.model.eval()
         return torch.sigmoid(self.model(inputs).float())[:, 0].cpu()
 
+    def view(self, gray: np.ndarray) -> torch.Tensor:
+        """The model's input for a grayscale image (uint8, (1, S, S)): the whole image, resized."""
+        return prepare(gray, self.config["input_size"])
+
     def segment(self, image) -> np.ndarray:
         """Boolean lung mask with the image's own height and width."""
         gray = load_grayscale(image)
-        probability = self.probabilities(prepare(gray, self.config["input_size"])[None], keep=True)[0].numpy()
+        probability = self.probabilities(self.view(gray)[None], keep=True)[0].numpy()
         # Clean at the network's resolution (25x fewer pixels than a 640-px image: the cleaning
         # cost more than the network), then let the upsampled probabilities draw the smooth edge:
         # only the pixels the cleaning changed (filled holes, dropped specks) are overwritten.

@@ -148,3 +148,29 @@ def test_kept_answers_are_the_models_and_are_reused(manifest_frame, monkeypatch)
     for shift in range(KEPT_ANSWERS + 2):
         segmenter.probabilities(torch.roll(images[2], shift + 1, dims=-1)[None], keep=True)
     assert len(segmenter._kept) == KEPT_ANSWERS
+
+
+def test_check_and_outline_of_a_margined_xray_share_one_lung_pass(manifest_frame, monkeypatch):
+    """An X-ray with a uniform frame: the check reads it trimmed, the outline whole. Both are
+    asked in the check's one pass (with the inverse), and the outline that follows runs none; its
+    mask is the one a fresh segmenter draws."""
+    from covidxr.data import load_grayscale
+    from covidxr.xray_check import XrayCheck, trimmed
+
+    film = trimmed(load_grayscale(real_image(manifest_frame, "normal", "nih14", 0)))
+    assert trimmed(film).shape == film.shape
+    framed = np.pad(film, 24, constant_values=1.0)  # a white frame
+    assert trimmed(framed).shape == film.shape
+    segmenter = LungSegmenter.load()
+    passes = []
+    run = segmenter._probabilities
+    monkeypatch.setattr(segmenter, "_probabilities", lambda inputs: (passes.append(len(inputs)), run(inputs))[1])
+    finding = XrayCheck.load().examine(framed, 0.0, segmenter)
+    assert not finding.reasons and passes == [3]
+    mask = segmenter.segment(framed)
+    assert passes == [3]
+    assert np.array_equal(mask, LungSegmenter.load().segment(framed))
+    # Without a frame the check's view is the outline's: two inputs, as before.
+    segmenter.forget()
+    XrayCheck.load().examine(film, 0.0, segmenter)
+    assert passes == [3, 2]
