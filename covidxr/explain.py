@@ -76,6 +76,9 @@ class Explanation:
     method: str
     prediction: object  # the predictor.Prediction for the same pass (predictor.py builds it)
     image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1] (shrunk to max_side)
+    # The full-size image when `image` is a shrunk copy: the lungs are found on it, as the input
+    # check and the audits find them (and the check's lung pass already answered for it).
+    full_image: np.ndarray | None = field(default=None, repr=False, compare=False)
     opacity: float = 0.4
     segmenter: object | None = field(default=None, repr=False, compare=False)  # segment.LungSegmenter
     framing: Framing | None = field(default=None, repr=False, compare=False)  # where the model looked
@@ -93,7 +96,9 @@ class Explanation:
             if mask.shape != self.image.shape:
                 mask = cv2.resize(mask.astype(np.uint8), self.image.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
             return mask
-        return None if self.segmenter is None else self.segmenter.segment(self.image)
+        if self.segmenter is None:
+            return None
+        return self.segmenter.segment(self.image if self.full_image is None else self.full_image, self.image.shape)
 
     @cached_property
     def _shares(self) -> dict[str, float]:
@@ -205,6 +210,7 @@ class Explainer:
             method=method,
             prediction=self.predictor.prediction(probabilities, features, gray, colour, framed),
             image=shown,
+            full_image=gray if shown is not gray else None,
             opacity=opacity,
             segmenter=self.predictor.segmenter,
             framing=framed,

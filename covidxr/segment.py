@@ -156,8 +156,9 @@ class LungSegmenter:
         """The model's input for a grayscale image (uint8, (1, S, S)): the whole image, resized."""
         return prepare(gray, self.config["input_size"])
 
-    def segment(self, image) -> np.ndarray:
-        """Boolean lung mask with the image's own height and width."""
+    def segment(self, image, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Boolean lung mask with the image's own height and width, or `shape` (H, W): the mask of
+        a full-size image drawn at its display copy's size."""
         gray = load_grayscale(image)
         probability = self.probabilities(self.view(gray)[None], keep=True)[0].numpy()
         # Clean at the network's resolution (25x fewer pixels than a 640-px image: the cleaning
@@ -166,7 +167,8 @@ class LungSegmenter:
         found = probability > 0.5
         kept = clean_mask(found)
         probability = np.where(kept & ~found, 0.75, np.where(found & ~kept, 0.25, probability)).astype(np.float32)
-        resized = Image.fromarray(probability, mode="F").resize((gray.shape[1], gray.shape[0]), Image.Resampling.BILINEAR)
+        height, width = shape or gray.shape
+        resized = Image.fromarray(probability, mode="F").resize((width, height), Image.Resampling.BILINEAR)
         return np.asarray(resized) > 0.5
 
 

@@ -136,7 +136,7 @@ def test_lung_mask_and_overlay_are_computed_when_first_read(predictor, covid_xra
 
     calls = []
     segment = LungSegmenter.segment
-    monkeypatch.setattr(LungSegmenter, "segment", lambda self, image: calls.append(1) or segment(self, image))
+    monkeypatch.setattr(LungSegmenter, "segment", lambda self, image, shape=None: calls.append(1) or segment(self, image, shape))
     explanation = predictor.explain(covid_xray)
     assert explanation.heatmap.std() > 0.02 and calls == []  # the map alone: no U-Net
     assert 0 <= explanation.lung_focus <= 1 and len(calls) == 1

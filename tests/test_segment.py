@@ -174,3 +174,24 @@ def test_check_and_outline_of_a_margined_xray_share_one_lung_pass(manifest_frame
     segmenter.forget()
     XrayCheck.load().examine(film, 0.0, segmenter)
     assert passes == [3, 2]
+
+
+def test_a_shrunk_display_copy_gets_the_full_images_lungs_from_the_checks_pass(manifest_frame, monkeypatch):
+    """explain(..., max_side) shows a shrunk copy; its lung outline is the full image's mask drawn
+    at the copy's size, answered by the input check's one lung pass (no second pass)."""
+    from covidxr.data import load_grayscale
+    from covidxr.predictor import Predictor
+
+    path = real_image(manifest_frame, "covid", "ieee8023", 0)
+    gray = load_grayscale(path)
+    predictor = Predictor.load()
+    segmenter = predictor.segmenter
+    segmenter.forget()
+    passes = []
+    run = segmenter._probabilities
+    monkeypatch.setattr(segmenter, "_probabilities", lambda inputs: (passes.append(len(inputs)), run(inputs))[1])
+    explanation = predictor.explain(path, max_side=256)
+    shown = explanation.image.shape
+    assert max(shown) == 256 and explanation.lung_focus is not None
+    assert len(passes) == 1
+    assert np.array_equal(explanation.lung_mask, LungSegmenter.load().segment(gray, shown))
