@@ -61,10 +61,15 @@ from .report import DEFAULT_NOTICE, METHOD_LABELS, NOT_AN_XRAY, NOT_AN_XRAY_HEAD
 from .sessions import KEPT_FOR_S, KeptMaps, Shown
 
 PREDICTED = "predicted class"
+# The repository's model card, shown in the page's last panel (opened, it loads the file) and
+# linked from the notes that say "the rest is there". A pip-installed copy has no repository.
+MODEL_CARD = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
+CARD_LINK = "[MODEL_CARD.md](#model-card-full)"
 COMPARE = "compare"  # the model choice that shows every model side by side
 COMPARE_INTRO = ("**Every model on the same X-ray.** Each map shows where that model's evidence lies; lung focus "
                  "is the share of it on the lungs, against an even spread. A model can be right for the wrong "
-                 "reason: compare where they look, then test it below. MODEL_CARD.md has their measured numbers.")
+                 "reason: compare where they look, then test it below. The model card "
+                 f"({CARD_LINK}, at the foot of the page) has their measured numbers.")
 # What the page's handlers return, in order (build's `outputs`), then three per compare column
 # (its text, probabilities and map) when there are several models.
 PAGE_OUTPUTS = ("probabilities", "original", "overlay", "summary", "kept", "occlusion_result", "occluded", "eraser",
@@ -791,6 +796,9 @@ class XrayApp:
                                 deletion_plot.postprocess = _saved_once(deletion_plot)
             with gr.Accordion("About this model", open=False):
                 facts = gr.Markdown(self.facts(default))
+            with gr.Accordion("Model card: every model's measured numbers, the shortcut audits, what did not pay "
+                              "(MODEL_CARD.md)", open=False, elem_id="model-card-full") as card_box:
+                card_text = gr.Markdown(elem_id="model-card-text")
 
             inputs = [upload, method, explain_class, opacity, view]
             # The map test's result goes with the image it was made for: each new result clears it.
@@ -843,6 +851,8 @@ class XrayApp:
             api.click(self.serve_occlusion, [upload, blanked, api_model, painted],
                       [occlusion_result, occluded, numbers],
                       api_name="occlusion", **tested)
+            card_box.expand(model_card_text, None, card_text, api_name="model_card", api_visibility="private",
+                            concurrency_id="blend")  # a file read: never queued behind a model run
             eraser_box.expand(self.eraser_image, shown, eraser, api_name="eraser_image", api_visibility="private",
                               concurrency_id="blend")  # the kept image: no model run
             erase.click(self.serve_erase, [upload, eraser, view], [occlusion_result, occluded], api_name="erase",
@@ -873,8 +883,16 @@ DELETION_INTRO = ("**Does the map point at what the model uses?** Remove the pix
                   "filled in from their neighbours (pytorch-grad-cam's ROAD), so the holes themselves say nothing.")
 MAP_TEST_INTRO = ("A heatmap shows where the evidence lies; blanking shows whether the model needs it there. "
                   "Fill the lungs (or everything but them) with flat gray and ask the model again. "
-                  "MODEL_CARD.md (shortcut audit) has the same test over the whole test split.")
+                  f"The model card ({CARD_LINK}, shortcut audit) has the same test over the whole test split.")
 NO_OCCLUSION = ("", None)  # the map test's (and the deletion curve's) result, cleared by every new result
+
+
+def model_card_text() -> str:
+    """The repository's MODEL_CARD.md, or where to find it when this copy has none."""
+    if MODEL_CARD.is_file():
+        return MODEL_CARD.read_text(encoding="utf-8")
+    return ("MODEL_CARD.md is in the covidxr repository, beside README.md; this installed copy does not carry it. "
+            "`covidxr describe NAME` prints a bundled model's own description and measured numbers.")
 
 
 def deletion_text(curve) -> str:

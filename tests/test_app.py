@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
-from conftest import MANIFEST, real_image
+from conftest import MANIFEST, REPO, real_image
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -829,3 +829,20 @@ def test_the_map_tests_validator_checks_each_input_in_its_place(shelf_app):
     assert [check["is_valid"] for check in api] == [True, False, False, True]
     assert "not 'middle'" in api[1]["message"] and "Unknown model" in api[2]["message"]
     assert all(check["is_valid"] for check in shelf_app.admit_occlusion("x.png", "painted", "recipe-2020", None))
+
+
+def test_the_model_card_is_linked_and_loads_in_its_panel_when_opened(xray_app, monkeypatch, tmp_path):
+    """The notes that send a student to MODEL_CARD.md link to the page's last panel, which reads
+    the repository's file when opened (one request, no model run), or says where it is."""
+    from covidxr import serve
+
+    demo = xray_app.build()
+    assert serve.CARD_LINK in serve.COMPARE_INTRO and serve.CARD_LINK in serve.MAP_TEST_INTRO
+    panel = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model-card-full")
+    assert panel.open is False
+    expand = [d for d in demo.fns.values() if any(t[0] == panel._id and t[1] == "expand" for t in d.targets)]
+    assert len(expand) == 1 and expand[0].fn is serve.model_card_text
+    text = serve.model_card_text()
+    assert text == (REPO / "MODEL_CARD.md").read_text(encoding="utf-8") and "## Known limitations" in text
+    monkeypatch.setattr(serve, "MODEL_CARD", tmp_path / "absent.md")
+    assert "covidxr repository" in serve.model_card_text()
