@@ -147,8 +147,6 @@ def gray_png(original: bytes) -> bytes:
             array = np.asarray(image, dtype=np.float64)
             top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
             image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).round().astype(np.uint8))
-        if image.mode in ("RGBA", "LA", "PA", "P"):
-            image = image.convert("RGBA" if image.mode in ("RGBA", "P", "PA") else "LA")
         gray = image.convert("L")
         size = reduced_size(*gray.size)
         if size != gray.size:

@@ -76,8 +76,8 @@ class Explanation:
     method: str
     prediction: object  # the predictor.Prediction for the same pass (predictor.py builds it)
     image: np.ndarray  # the input as the model read it: float32 (H, W) grayscale in [0, 1] (shrunk to max_side)
-    # The full-size image when `image` is a shrunk copy: the lungs are found on it, as the input
-    # check and the audits find them (and the check's lung pass already answered for it).
+    # The full-size image the prediction read (`image` may be a shrunk copy): the lungs are found
+    # on it, as the input check and the audits find them (the check's lung pass answered for it).
     full_image: np.ndarray | None = field(default=None, repr=False, compare=False)
     opacity: float = 0.4
     segmenter: object | None = field(default=None, repr=False, compare=False)  # segment.LungSegmenter
@@ -210,7 +210,7 @@ class Explainer:
             method=method,
             prediction=self.predictor.prediction(probabilities, features, gray, colour, framed),
             image=shown,
-            full_image=gray if shown is not gray else None,
+            full_image=gray,
             opacity=opacity,
             segmenter=self.predictor.segmenter,
             framing=framed,

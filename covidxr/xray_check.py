@@ -168,14 +168,16 @@ class XrayCheck:
     def lung_evidence(self, gray: np.ndarray, segmenter) -> tuple[dict, dict]:
         """(lung evidence of the image, of its inverse), from one batch through the lung model;
         uniform margins trimmed first (`trimmed`)."""
-        upright = lung_view(gray)
+        from .data import prepare
+
+        film = trimmed(gray)
+        upright = prepare(film, LUNG_SIDE)  # lung_view, keeping the film to know if it was trimmed
         batch = [upright, 255 - upright]  # the inverse, without a second full-size copy
         # The lung outline asks for the whole image (segmenter.segment). When margins were trimmed
         # that is another input: asked in this same pass, its answer is kept for the outline (a
         # batch of three costs little more than two; a separate pass cost 10 ms on 2 cores).
-        whole = segmenter.view(gray)
-        if not torch.equal(whole, upright):
-            batch.append(whole)
+        if film is not gray or segmenter.config["input_size"] != LUNG_SIDE:
+            batch.append(segmenter.view(gray))
         probabilities = segmenter.probabilities(torch.stack(batch), keep=True).numpy()
         return lung_shape(probabilities[0], self.template), lung_shape(probabilities[1], self.template)
 
