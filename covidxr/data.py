@@ -584,16 +584,20 @@ class _Grain(torch.nn.Module):
 @dataclass
 class XrayTensors(torch.utils.data.Dataset):
     """Prepared uint8 images with class indices and, optionally, the region (N, 1, S, S) where
-    evidence may lie (framing.py); augmentation moves image and region together."""
+    evidence may lie (framing.py) and each image's source index (for a source adversary);
+    augmentation moves image and region together. Items: (image, region, target, source)."""
 
     images: torch.Tensor
     targets: torch.Tensor
     augment: v2.Compose | None = None
     regions: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.regions is None:
             self.regions = torch.ones((len(self.images), 1, 1, 1), dtype=torch.uint8).expand_as(self.images)
+        if self.sources is None:
+            self.sources = torch.zeros(len(self.targets), dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -605,4 +609,4 @@ class XrayTensors(torch.utils.data.Dataset):
                 # RandomErasing leaves masks alone, as wanted here (an erased patch is still lung).
                 warnings.filterwarnings("ignore", "RandomErasing", UserWarning)
                 image, region = self.augment(image, region)
-        return image, region.as_subclass(torch.Tensor), self.targets[index]
+        return image, region.as_subclass(torch.Tensor), self.targets[index], self.sources[index]

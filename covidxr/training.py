@@ -38,6 +38,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__, framing  # noqa: E402
+from . import adversary as source_adversary  # noqa: E402
 from . import pretrained as pretrained_weights  # noqa: E402
 from .calibration import choose_threshold  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--outside", type=float, default=framing.LUNG_CROP["outside"],
                         help="lung_crop: brightness kept outside the dilated lungs (1: not dimmed)")
     parser.add_argument("--lungs", default=None, help="lung model checkpoint (default: the shipped one)")
+    parser.add_argument("--adversary", type=float, default=0.0, metavar="W",
+                        help="strength of a label-conditional source adversary through gradient reversal "
+                             "(adversary.py): the features are trained to hide which source an image "
+                             "came from within its class; 0 = off")
     parser.add_argument("--cam-penalty", type=float, default=0.0,
                         help="weight of the loss on the share of the true class's activation map outside the "
                              "dilated lungs (0: off)")
@@ -381,7 +386,8 @@ class Setup:
     loaders: dict[int, torch.utils.data.DataLoader]  # image size -> loader
     sampler: object | None
     generator: torch.Generator
-    cam_layer: nn.Module | None  # hooked for the lung penalty (None when off)
+    cam_layer: nn.Module | None  # hooked for the lung penalty and the source adversary (None when both off)
+    adversary: nn.Module | None  # the source adversary (--adversary), trained alongside; never saved
 
 
 def _train(args: argparse.Namespace, dist: Distributed) -> Path | None:
@@ -410,6 +416,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--freeze-stages keeps ImageNet weights: it needs --pretrained")
     if args.cam_penalty and args.arch not in CAM_HEADS:
         raise ValueError(f"--cam-penalty needs a global-average-pool + linear head: {sorted(CAM_HEADS)}")
+    if args.adversary < 0:
+        raise ValueError("--adversary is a strength: 0 (off) or more")
 
 
 def write_args(args: argparse.Namespace, out_dir: Path, world: int) -> None:
@@ -515,7 +523,8 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
     augment = None if args.no_augment else training_augmentation(hide_shortcuts=args.hide_shortcuts,
                                                                   photometric=args.photometric)
     train = data.index["train"]
-    train_set = XrayTensors(data.images[train], data.targets[train], augment, data.regions[train])
+    sources, source_index = source_adversary.source_codes(list(data.frame["source_dataset"].iloc[train]))
+    train_set = XrayTensors(data.images[train], data.targets[train], augment, data.regions[train], source_index)
     if args.balance == "source":
         if dist.active:
             raise ValueError("--balance source is not implemented for distributed runs")
@@ -538,25 +547,48 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
     if args.start_size and args.start_size != args.input_size:
         loaders[args.start_size] = make_loader(XrayTensors(resized(train_set.images, args.start_size),
                                                            train_set.targets, augment,
-                                                           resized(train_set.regions, args.start_size)))
+                                                           resized(train_set.regions, args.start_size),
+                                                           train_set.sources))
     # With source balancing the sampler already gives every class the same share of each epoch.
     weight = None if args.balance == "source" else class_weights(train_set.targets, len(args.classes)).to(device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    cam_layer = (model.get_submodule(gradcam_layer_name(args.arch)) if args.cam_penalty or args.adversary
+                 else None)
+    adversary = (source_adversary.SourceAdversary(feature_channels(model, cam_layer, args.input_size, device),
+                                                  len(args.classes), len(sources)).to(device)
+                 if args.adversary else None)
+    if adversary is not None:
+        log.info("source adversary over %d sources: %s", len(sources), ", ".join(sources))
+    parameters = trainable(model) + (list(adversary.parameters()) if adversary is not None else [])
     if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(trainable(model), lr=args.lr, momentum=0.9, nesterov=True,
+        optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, nesterov=True,
                                     weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(trainable(model), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
     # Optional average of recent weights; it did not beat the plain weights here (MODEL_CARD.md).
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
            if args.ema else None)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
                                                     steps_per_epoch=max(1, len(loaders[args.input_size])),
                                                     pct_start=0.15)
-    cam_layer = model.get_submodule(gradcam_layer_name(args.arch)) if args.cam_penalty else None
     return Setup(model, dist.wrap(model), ema.module if ema else model, ema, optimizer, scheduler,
                  torch.amp.GradScaler(enabled=device.type == "cuda"), criterion, loaders, sampler, generator,
-                 cam_layer)
+                 cam_layer, adversary)
+
+
+def feature_channels(model: nn.Module, layer: nn.Module, size: int, device: torch.device) -> int:
+    """Channels of `layer`'s output, from one dry run on a blank image (eval mode: no batch-norm update)."""
+    seen = {}
+    hook = layer.register_forward_hook(lambda module, inputs, output: seen.update(shape=output.shape))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, 1, size, size), device=device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return int(seen["shape"][1])
 
 
 # -- the epochs, saved as they go ------------------------------------------------------------------
@@ -578,13 +610,13 @@ def fit(args: argparse.Namespace, data: TrainingData, setup: Setup, dist: Distri
         if hasattr(setup.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
             setup.sampler.set_epoch(epoch)
         size = epoch_size(epoch, args)
-        train_loss, train_accuracy, penalty = train_one_epoch(setup, data.norm, dist.device, args,
-                                                              f"epoch {epoch} ({size} px)", size, dist.main)
-        record = {"epoch": epoch, "size": size, "train_loss": train_loss, "train_accuracy": train_accuracy,
-                  "train_outside_share": penalty} | validate(setup.evaluated, data, val_targets, size, dist.device)
+        record = ({"epoch": epoch, "size": size}
+                  | train_one_epoch(setup, data.norm, dist.device, args, f"epoch {epoch} ({size} px)", size,
+                                    dist.main)
+                  | validate(setup.evaluated, data, val_targets, size, dist.device))
         progress["history"].append(record)
         progress["epoch"] = epoch
-        epochs.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{record['val_loss']:.3f}",
+        epochs.set_postfix(loss=f"{record['train_loss']:.3f}", val_loss=f"{record['val_loss']:.3f}",
                            val_auc=f"{record['val_macro_auroc']:.3f}")
         stop = size == args.input_size and keep_if_best(progress, record, setup.evaluated, args)
         if dist.main:
@@ -629,6 +661,7 @@ def save_progress(path: Path, progress: dict, setup: Setup) -> None:
              "best_state": progress["best_state"],
              "model": setup.model.state_dict(),
              "ema": setup.ema.state_dict() if setup.ema else None,
+             "adversary": setup.adversary.state_dict() if setup.adversary is not None else None,
              "optimizer": setup.optimizer.state_dict(),
              "scheduler": setup.scheduler.state_dict(),
              "scaler": setup.scaler.state_dict(),
@@ -644,6 +677,8 @@ def resume(path: Path, setup: Setup, device: torch.device) -> dict:
     setup.model.load_state_dict(state["model"])
     if setup.ema and state["ema"] is not None:
         setup.ema.load_state_dict(state["ema"])
+    if setup.adversary is not None:
+        setup.adversary.load_state_dict(state["adversary"])
     setup.optimizer.load_state_dict(state["optimizer"])
     setup.scheduler.load_state_dict(state["scheduler"])
     setup.scaler.load_state_dict(state["scaler"])
@@ -670,28 +705,42 @@ def outside_share(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
 
 
 def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argparse.Namespace, description: str,
-                    size: int, progress: bool = True) -> tuple[float, float, float]:
-    """One pass over the (augmented) training set; returns mean loss, accuracy and the share of
-    the true class's activation mass outside the lungs."""
+                    size: int, progress: bool = True) -> dict:
+    """One pass over the (augmented) training set. Returns the mean loss and accuracy, the share of
+    the true class's activation mass outside the lungs (--cam-penalty) and how often the source
+    adversary guessed the source (--adversary); NaN for what is off."""
     setup.trained.train()
+    if setup.adversary is not None:
+        setup.adversary.train()
     activations = {}
     hook = (setup.cam_layer.register_forward_hook(lambda module, inputs, output: activations.update(map=output))
             if setup.cam_layer is not None else None)
-    total_loss, correct, seen, outside_total = 0.0, 0, 0, 0.0
+    total_loss, correct, seen, outside_total, sources_guessed = 0.0, 0, 0, 0.0, 0
+    reversal = float("nan")
     try:
-        for batch, regions, batch_targets in tqdm(setup.loaders[size], desc=description, leave=False, unit="batch",
-                                                  disable=not progress):
+        for batch, regions, batch_targets, batch_sources in tqdm(setup.loaders[size], desc=description, leave=False,
+                                                                 unit="batch", disable=not progress):
             batch = normalise(batch.to(device), norm["mean"], norm["std"])
             batch_targets = batch_targets.to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 logits = setup.trained(batch.contiguous(memory_format=torch.channels_last))
                 loss = setup.criterion(logits.float(), batch_targets)
-                if hook is not None:
+                feature_map = activations.pop("map").float() if hook is not None else None
+                if args.cam_penalty:
                     # The true class's CAM, w_c . A: differentiable, and the map the app shows.
-                    cams = class_activation_maps(setup.model, args.arch, activations.pop("map").float())
+                    cams = class_activation_maps(setup.model, args.arch, feature_map)
                     shares = outside_share(cams[torch.arange(len(batch_targets)), batch_targets], regions.to(device))
                     loss = loss + args.cam_penalty * shares.mean()
                     outside_total += shares.detach().sum().item()
+                if setup.adversary is not None:
+                    # The adversary learns at full rate; the reversal, growing over the run, is what
+                    # the network feels (adversary.py).
+                    reversal = source_adversary.strength(args.adversary, setup.scheduler.last_epoch
+                                                         / setup.scheduler.total_steps)
+                    source_logits = setup.adversary(feature_map, batch_targets, reversal)
+                    batch_sources = batch_sources.to(device)
+                    loss = loss + nn.functional.cross_entropy(source_logits.float(), batch_sources)
+                    sources_guessed += (source_logits.argmax(1) == batch_sources).sum().item()
             setup.optimizer.zero_grad(set_to_none=True)
             setup.scaler.scale(loss).backward()
             setup.scaler.step(setup.optimizer)
@@ -706,7 +755,10 @@ def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argpar
         if hook is not None:
             hook.remove()
     seen = max(seen, 1)
-    return total_loss / seen, correct / seen, (outside_total / seen if hook is not None else float("nan"))
+    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen,
+            "train_outside_share": outside_total / seen if args.cam_penalty else float("nan"),
+            "train_source_accuracy": sources_guessed / seen if setup.adversary is not None else float("nan"),
+            "adversary_strength": reversal}
 
 
 # -- after training: the checkpoint and its test evaluation -------------------------------------------
