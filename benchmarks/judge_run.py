@@ -15,15 +15,15 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from covidxr import Predictor, framing
+from covidxr import Predictor
 from covidxr.calibration import choose_threshold
 from covidxr.data import data_dir, read_manifest
-from covidxr.hospitals import hospitals_dir
+from covidxr.hospitals import available, hospitals_dir
 
 checkpoint, split_csv = sys.argv[1], sys.argv[2]
 predictor = Predictor.load(checkpoint)
 covid = predictor.classes.index("covid")
-HOSPITALS = ("shenzhen", "montgomery")
+HOSPITALS = available(hospitals_dir())
 frames = [read_manifest(data_dir() / "manifest.csv").assign(set="cxr")]
 for name in HOSPITALS:
     frames.append(read_manifest(hospitals_dir() / name / "manifest.csv").assign(set=name))
@@ -35,10 +35,7 @@ trained_hospitals = set(rows.loc[(rows["set"] != "cxr") & (rows["split"] != "lef
 
 
 def p_covid(frame):
-    images, _ = framing.frame_all(list(frame["path"]), predictor.framing_recipe, predictor.config["input_size"],
-                                  predictor.config["normalisation"]["method"] == "equalize", predictor.segmenter,
-                                  ".cache")
-    return predictor.probabilities(images)
+    return predictor.probabilities(predictor.frame_files(list(frame["path"])))
 
 
 val = rows[rows["split"] == "val"].reset_index(drop=True)

@@ -53,12 +53,7 @@ def read_hospital(root: Path, name: str, classes: list[str]) -> pd.DataFrame:
 def judge(predictor, frame: pd.DataFrame, cache_dir: str | Path | None = ".cache") -> dict:
     """The share of each label called COVID under the predictor's own decision rule (and at
     argmax, for comparison), and the COVID probabilities' median."""
-    from . import framing
-
-    images, _ = framing.frame_all(list(frame["path"]), predictor.framing_recipe, predictor.config["input_size"],
-                                  predictor.config["normalisation"]["method"] == "equalize",
-                                  predictor.segmenter if framing.uses_lungs(predictor.framing_recipe) else None,
-                                  cache_dir, description=f"framing {frame['source_dataset'].iloc[0]}")
+    images = predictor.frame_files(list(frame["path"]), cache_dir, f"framing {frame['source_dataset'].iloc[0]}")
     probabilities = predictor.probabilities(images)
     covid = predictor.classes.index("covid")
     decided = predictor.decide(probabilities) == covid

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .data import data_dir, load_image
-from .framing import frame_all, uses_lungs
 from .model import build_model
 from .not_xrays import non_xray_images
 from .ood import OutOfDistribution, fit_for
@@ -209,9 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result, indent=2))
         return result
     # Framed as the checkpoint reads them (the lungs' box for a lung-reading model).
-    images, _ = frame_all(paths, predictor.framing_recipe, predictor.config["input_size"],
-                          predictor.config["normalisation"]["method"] == "equalize",
-                          predictor.segmenter if uses_lungs(predictor.framing_recipe) else None, args.cache_dir)
+    images = predictor.frame_files(paths, args.cache_dir)
     targets = np.array([predictor.classes.index(t) for t in frame["target"]])
     detector = fit_for(predictor, images, targets, frame["split"].to_numpy())
     predictor.ood = detector

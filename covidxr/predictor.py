@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import BUNDLED, DEFAULT_MODEL, CheckpointError, checkpoint_path, load_checkpoint, read_config
 from .data import load_grayscale, load_image, normalise
-from .framing import Framing, frame, uses_lungs
+from .framing import Framing, frame, frame_all, uses_lungs
 from .model import build_model, fold_batch_norms
 from .ood import FeatureHook, OutOfDistribution
 from .report import Verdict, decision_rule, verdict
@@ -136,6 +136,16 @@ class Predictor:
                                   f"({recipe.get('lungs')})")
         return frame(gray, recipe, self.config["input_size"], self.config["normalisation"]["method"] == "equalize",
                      segmenter)
+
+    def frame_files(self, paths: list, cache_dir: str | Path | None = ".cache",
+                    description: str = "framing") -> torch.Tensor:
+        """Many image files as the network reads them, (N, 1, S, S) uint8: `view` for each, batched
+        and cached on disk (framing.frame_all), for measuring a checkpoint over a data set."""
+        recipe = self.framing_recipe
+        images, _ = frame_all([str(p) for p in paths], recipe, self.config["input_size"],
+                              self.config["normalisation"]["method"] == "equalize",
+                              self.segmenter if uses_lungs(recipe) else None, cache_dir, description=description)
+        return images
 
     def prepare(self, image) -> torch.Tensor:
         """(1, S, S) uint8 tensor for a path, PIL image or numpy array."""

@@ -414,8 +414,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--fold must be in 0..{args.folds - 1}")
     if args.freeze_stages and not args.pretrained:
         raise ValueError("--freeze-stages keeps ImageNet weights: it needs --pretrained")
-    if args.cam_penalty and args.arch not in CAM_HEADS:
-        raise ValueError(f"--cam-penalty needs a global-average-pool + linear head: {sorted(CAM_HEADS)}")
+    if (args.cam_penalty or args.adversary) and args.arch not in CAM_HEADS:
+        raise ValueError(f"--cam-penalty and --adversary need a global-average-pool + linear head: {sorted(CAM_HEADS)}")
     if args.adversary < 0:
         raise ValueError("--adversary is a strength: 0 (off) or more")
 
@@ -554,10 +554,11 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
     cam_layer = (model.get_submodule(gradcam_layer_name(args.arch)) if args.cam_penalty or args.adversary
                  else None)
-    adversary = (source_adversary.SourceAdversary(feature_channels(model, cam_layer, args.input_size, device),
-                                                  len(args.classes), len(sources)).to(device)
-                 if args.adversary else None)
-    if adversary is not None:
+    adversary = None
+    if args.adversary:
+        # The Grad-CAM layer feeds a pool + linear head (CAM_HEADS): its channels are the head's inputs.
+        channels = model.get_submodule(CAM_HEADS[args.arch]).in_features
+        adversary = source_adversary.SourceAdversary(channels, len(args.classes), len(sources)).to(device)
         log.info("source adversary over %d sources: %s", len(sources), ", ".join(sources))
     parameters = trainable(model) + (list(adversary.parameters()) if adversary is not None else [])
     if args.optimizer == "sgd":
@@ -575,20 +576,6 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
                  torch.amp.GradScaler(enabled=device.type == "cuda"), criterion, loaders, sampler, generator,
                  cam_layer, adversary)
 
-
-def feature_channels(model: nn.Module, layer: nn.Module, size: int, device: torch.device) -> int:
-    """Channels of `layer`'s output, from one dry run on a blank image (eval mode: no batch-norm update)."""
-    seen = {}
-    hook = layer.register_forward_hook(lambda module, inputs, output: seen.update(shape=output.shape))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, 1, size, size), device=device))
-    finally:
-        hook.remove()
-        model.train(was_training)
-    return int(seen["shape"][1])
 
 
 # -- the epochs, saved as they go ------------------------------------------------------------------
