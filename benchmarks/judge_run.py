@@ -6,7 +6,8 @@ The COVID threshold for sensitivity 0.95 is read off the run's own validation ro
 the out-of-fold threshold `covidxr calibrate` picks; use that for anything shipped). At it, and at
 argmax: the cxr test images (COVID AUROC, sensitivity, specificity, adult normals called COVID,
 COVID against other pneumonia inside ieee8023) and every external hospital the run did not train
-on, per label. Prints JSON. Images are framed through the package, as the app frames them."""
+on, per label, with the AUROC of the run's validation COVID images against that hospital's people
+(threshold-free, so it ranks recipes without the proxy's noise). Prints JSON. Images are framed through the package, as the app frames them."""
 import json
 import sys
 from pathlib import Path
@@ -63,6 +64,9 @@ for name in HOSPITALS:
         continue
     h = rows[rows["set"] == name].reset_index(drop=True)
     ph = p_covid(h)
+    val_covid = pv[(val["label"] == "covid").to_numpy() & val_cxr, covid]
+    out[f"{name}_auroc_vs_val_covid"] = roc_auc_score(
+        np.r_[np.ones(len(val_covid)), np.zeros(len(h))], np.r_[val_covid, ph[:, covid]])
     for label in sorted(h["label"].unique()):
         m = (h["label"] == label).to_numpy()
         out[f"{name}_{label}_threshold"] = (ph[m, covid] >= threshold).mean()
