@@ -74,7 +74,12 @@ def judge_all(predictor, root: Path, skip: list[str] = (), cache_dir: str | Path
             for name in available(root) if name not in skip}
 
 
-def table(results: dict) -> str:
+def table(results: dict, trained: list[str] = ()) -> str:
+    """The results as a markdown table; when every hospital was trained on, a line that says so
+    (an empty table read as "nothing called COVID")."""
+    if not results:
+        return (f"no hospital left to judge: the checkpoint was trained on {', '.join(trained) or 'none'} "
+                "(--include-trained judges them anyway, their training patients included)")
     lines = ["| hospital | images | called COVID | normals called COVID | TB called COVID | at argmax |",
              "|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = Predictor.load(args.checkpoint)
     trained = [] if args.include_trained else predictor.config.get("data", {}).get("external", [])
     results = judge_all(predictor, hospitals_dir(args.external_dir, args.data), trained, args.cache_dir)
-    print(table(results))
+    print(table(results, trained))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import DATA_DIR, MANIFEST
 from covidxr.data import read_manifest, select
-from covidxr.hospitals import available, hospitals_dir, judge, read_hospital
+from covidxr.hospitals import available, hospitals_dir, judge, read_hospital, table
 from covidxr.segment import SHIPPED_LUNGS
 from covidxr.training import source_balanced_weights, split_frames
 
@@ -67,3 +67,11 @@ def test_judge_counts_covid_calls_under_the_decision_rule(predictor):
     assert result["n"] == 5 and result["by_label"]["normal"]["n"] == 3 and result["by_label"]["other"]["n"] == 2
     called = [predictor.predict(path).label == "covid" for path in frame["path"]]
     assert result["called_covid"] == pytest.approx(np.mean(called))
+
+
+def test_a_checkpoint_trained_on_every_hospital_is_told_so_not_shown_an_empty_table():
+    said = table({}, ["shenzhen", "montgomery"])
+    assert "no hospital left to judge" in said and "shenzhen, montgomery" in said and "|" not in said
+    one = {"n": 2, "called_covid": 0.5, "called_covid_argmax": 0.0, "median_p_covid": 0.3,
+           "by_label": {"normal": {"n": 2, "called_covid": 0.5, "called_covid_argmax": 0.0}}}
+    assert "| montgomery | 2 | 50.0% | 50.0% | nan% | 0.0% |" in table({"montgomery": one}, ["shenzhen"])
