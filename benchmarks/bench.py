@@ -306,7 +306,7 @@ def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], comp
     results = {"machine": machine(), "input_size": size, "batch_size": batch_size, "models": {}}
     candidates = {shipped.config["arch"]: shipped}
     for arch in compared:
-        # The usual way to run them: the whole image at 224 px, no lung model before them.
+        # The usual way to run them: the whole image at 224 px, no lung crop before them.
         config = dict(shipped.config, arch=arch, gradcam_layer=gradcam_layer_name(arch), framing=WHOLE_IMAGE,
                       input_size=224)
         # Folded like the shipped model's (Predictor.load), so the comparison is like for like.
@@ -380,7 +380,8 @@ def markdown(results: dict) -> str:
     cam = head["cpu"]["predict+gradcam"]["median"]
     sizes = ", ".join(f"{a} {models[a]['input_size']} px" for a in models)
     lines += ["", f"Inputs: {sizes}; the compared networks read the whole image, as they usually do, with no "
-              f"lung model before them; the shipped one's rows from a decoded image include its lung U-Net."]
+              f"lung crop before them. Every model's rows from a decoded image include the not-a-chest-X-ray "
+              f"check (the lung U-Net on the image and its inverse), and a lung-reading model's its crop."]
     for arch in list(models)[1:]:
         theirs = models[arch]["cpu"]["predict+gradcam"]["median"]
         lines.append(f"Predict + Grad-CAM, {shipped} (segmentation included) against {arch} with pytorch-grad-cam: "
