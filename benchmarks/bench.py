@@ -381,7 +381,7 @@ def markdown(results: dict) -> str:
     sizes = ", ".join(f"{a} {models[a]['input_size']} px" for a in models)
     lines += ["", f"Inputs: {sizes}; the compared networks read the whole image, as they usually do, with no "
               f"lung crop before them. Every model's rows from a decoded image include the not-a-chest-X-ray "
-              f"check (the lung U-Net on the image and its inverse), and a lung-reading model's its crop."]
+              f"check (the lung U-Net on the image and its inverse); a lung-reading model's also include its crop."]
     for arch in list(models)[1:]:
         theirs = models[arch]["cpu"]["predict+gradcam"]["median"]
         lines.append(f"Predict + Grad-CAM, {shipped} (segmentation included) against {arch} with pytorch-grad-cam: "

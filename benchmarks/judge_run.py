@@ -7,7 +7,8 @@ the out-of-fold threshold `covidxr calibrate` picks; use that for anything shipp
 argmax: the cxr test images (COVID AUROC, sensitivity, specificity, adult normals called COVID,
 COVID against other pneumonia inside ieee8023) and every external hospital the run did not train
 on, per label, with the AUROC of the run's validation COVID images against that hospital's people
-(threshold-free, so it ranks recipes without the proxy's noise). Prints JSON. Images are framed through the package, as the app frames them."""
+(threshold-free, so it ranks recipes without the proxy's noise). Prints JSON. Images are framed
+through the package, as the app frames them."""
 import json
 import sys
 from pathlib import Path
@@ -24,10 +25,11 @@ from covidxr.hospitals import available, hospitals_dir
 checkpoint, split_csv = sys.argv[1], sys.argv[2]
 predictor = Predictor.load(checkpoint)
 covid = predictor.classes.index("covid")
-HOSPITALS = available(hospitals_dir())
+HOSPITAL_ROOT = hospitals_dir()
+HOSPITALS = available(HOSPITAL_ROOT)
 frames = [read_manifest(data_dir() / "manifest.csv").assign(set="cxr")]
 for name in HOSPITALS:
-    frames.append(read_manifest(hospitals_dir() / name / "manifest.csv").assign(set=name))
+    frames.append(read_manifest(HOSPITAL_ROOT / name / "manifest.csv").assign(set=name))
 rows = pd.concat(frames, ignore_index=True)
 split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)[["sha256", "split"]]
 rows = rows.merge(split, on="sha256", how="left")
@@ -59,12 +61,12 @@ out |= {"test_n": len(test), "test_auroc": roc_auc_score(positive, pt[:, covid])
 ieee = (test["source_dataset"] == "ieee8023") & test["label"].isin(["covid", "pneumonia"])
 if ieee.sum():
     out["ieee_covid_vs_pneumonia_auroc"] = roc_auc_score(test["label"][ieee] == "covid", pt[ieee.to_numpy(), covid])
+val_covid = pv[(val["label"] == "covid").to_numpy() & val_cxr, covid]
 for name in HOSPITALS:
     if name in trained_hospitals:
         continue
     h = rows[rows["set"] == name].reset_index(drop=True)
     ph = p_covid(h)
-    val_covid = pv[(val["label"] == "covid").to_numpy() & val_cxr, covid]
     out[f"{name}_auroc_vs_val_covid"] = roc_auc_score(
         np.r_[np.ones(len(val_covid)), np.zeros(len(h))], np.r_[val_covid, ph[:, covid]])
     for label in sorted(h["label"].unique()):

@@ -75,11 +75,13 @@ def judge_all(predictor, root: Path, skip: list[str] = (), cache_dir: str | Path
 
 
 def table(results: dict, trained: list[str] = ()) -> str:
-    """The results as a markdown table; when every hospital was trained on, a line that says so
-    (an empty table read as "nothing called COVID")."""
-    if not results:
-        return (f"no hospital left to judge: the checkpoint was trained on {', '.join(trained) or 'none'} "
+    """The results as a markdown table; with none, a line that says why (an empty table reads as
+    "nothing called COVID")."""
+    if not results and trained:
+        return (f"no hospital left to judge: the checkpoint was trained on {', '.join(trained)} "
                 "(--include-trained judges them anyway, their training patients included)")
+    if not results:
+        return "no hospital sets found (--external-dir, or 'external' beside the data folder)"
     lines = ["| hospital | images | called COVID | normals called COVID | TB called COVID | at argmax |",
              "|---|---|---|---|---|---|"]
     for name, r in results.items():

@@ -577,7 +577,6 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
                  cam_layer, adversary)
 
 
-
 # -- the epochs, saved as they go ------------------------------------------------------------------
 
 def fit(args: argparse.Namespace, data: TrainingData, setup: Setup, dist: Distributed,

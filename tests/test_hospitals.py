@@ -72,6 +72,7 @@ def test_judge_counts_covid_calls_under_the_decision_rule(predictor):
 def test_a_checkpoint_trained_on_every_hospital_is_told_so_not_shown_an_empty_table():
     said = table({}, ["shenzhen", "montgomery"])
     assert "no hospital left to judge" in said and "shenzhen, montgomery" in said and "|" not in said
+    assert table({}, []).startswith("no hospital sets found")
     one = {"n": 2, "called_covid": 0.5, "called_covid_argmax": 0.0, "median_p_covid": 0.3,
            "by_label": {"normal": {"n": 2, "called_covid": 0.5, "called_covid_argmax": 0.0}}}
     assert "| montgomery | 2 | 50.0% | 50.0% | nan% | 0.0% |" in table({"montgomery": one}, ["shenzhen"])
