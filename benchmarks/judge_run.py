@@ -64,6 +64,7 @@ def probabilities(checkpoint: Path) -> dict:
 
 
 def judge(p: dict, fixed_threshold: float | None) -> dict:
+    """MODEL_CARD's rows for one model's (or one average's) probabilities `p`."""
     covid = p["classes"].index("covid")
     pv, pt = p["val"], p["test"]
     val_cxr = (val["set"] == "cxr").to_numpy()
