@@ -63,3 +63,24 @@ def test_quick_run_compares_architectures_and_writes_nothing_by_default(tmp_path
     assert 0 < ours["cpu"]["predict (network only)"]["median"] < float("inf")
     assert 0 < ours["cpu"]["batch_images_per_s"] < float("inf")
     assert ours["train_images_per_s_cpu"] < ours["cpu"]["batch_images_per_s"]
+
+
+def test_the_seeds_table_is_plotted_from_runs_that_are_complete(tmp_path):
+    """benchmarks/lung_reader_seeds.csv (MODEL_CARD's seed tables) holds a row per judged run, and
+    `plot_seeds` draws every measure it plots for each left-out hospital."""
+    import pandas as pd
+    from PIL import Image
+
+    from benchmarks.plot_seeds import MEASURES, plot
+
+    table = pd.read_csv(REPO / "benchmarks" / "lung_reader_seeds.csv")
+    assert table["run"].is_unique
+    assert (table["trained_with"] != table["left_out"]).all()  # a hospital is never judged on itself
+    measured = table[list(MEASURES)]
+    assert measured.notna().all().all() and ((measured >= 0) & (measured <= 1)).all().all()
+    # Two architectures, each with several seeds per left-out hospital: a lever is judged across seeds.
+    assert (table.groupby(["left_out", "arch"])["seed"].nunique() >= 2).all()
+    out = tmp_path / "seeds.png"
+    plot(table, out)
+    width, height = Image.open(out).size
+    assert width > 3 * 300 and height > 200  # one panel per measure, side by side
