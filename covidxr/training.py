@@ -39,6 +39,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from . import __version__, framing  # noqa: E402
 from . import adversary as source_adversary  # noqa: E402
+from . import distill  # noqa: E402
 from . import pretrained as pretrained_weights  # noqa: E402
 from .calibration import choose_threshold  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -140,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="strength of a label-conditional source adversary through gradient reversal "
                              "(adversary.py): the features are trained to hide which source an image "
                              "came from within its class; 0 = off")
+    parser.add_argument("--teacher", action="append", default=[], metavar="CKPT",
+                        help="distil from this checkpoint (repeat to average several): the student also learns "
+                             "the teachers' softened probabilities on each augmented batch (distill.py)")
+    parser.add_argument("--distill", type=float, default=0.5, metavar="W",
+                        help="with --teacher: weight of the distillation loss against the labels' (0..1)")
+    parser.add_argument("--distill-temperature", type=float, default=2.0,
+                        help="with --teacher: softmax temperature of teachers and student in that loss")
     parser.add_argument("--cam-penalty", type=float, default=0.0,
                         help="weight of the loss on the share of the true class's activation map outside the "
                              "dilated lungs (0: off)")
@@ -388,6 +396,7 @@ class Setup:
     generator: torch.Generator
     cam_layer: nn.Module | None  # hooked for the lung penalty and the source adversary (None when both off)
     adversary: nn.Module | None  # the source adversary (--adversary), trained alongside; never saved
+    teachers: list[nn.Module]  # networks distilled from (--teacher), frozen; empty when off
 
 
 def _train(args: argparse.Namespace, dist: Distributed) -> Path | None:
@@ -418,6 +427,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--cam-penalty and --adversary need a global-average-pool + linear head: {sorted(CAM_HEADS)}")
     if args.adversary < 0:
         raise ValueError("--adversary is a strength: 0 (off) or more")
+    if args.teacher and not (0 <= args.distill <= 1 and args.distill_temperature > 0):
+        raise ValueError("--distill must lie in 0..1 and --distill-temperature above 0")
 
 
 def write_args(args: argparse.Namespace, out_dir: Path, world: int) -> None:
@@ -560,6 +571,10 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
         channels = model.get_submodule(CAM_HEADS[args.arch]).in_features
         adversary = source_adversary.SourceAdversary(channels, len(args.classes), len(sources)).to(device)
         log.info("source adversary over %d sources: %s", len(sources), ", ".join(sources))
+    # The teachers must read the image as the student does (distill.py); compared as stored (JSON).
+    teachers = distill.load_teachers(args.teacher, json.loads(json.dumps(
+        {"classes": list(args.classes), "input_size": args.input_size, "normalisation": data.norm,
+         "framing": data.recipe})), device)
     parameters = trainable(model) + (list(adversary.parameters()) if adversary is not None else [])
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, nesterov=True,
@@ -574,7 +589,7 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
                                                     pct_start=0.15)
     return Setup(model, dist.wrap(model), ema.module if ema else model, ema, optimizer, scheduler,
                  torch.amp.GradScaler(enabled=device.type == "cuda"), criterion, loaders, sampler, generator,
-                 cam_layer, adversary)
+                 cam_layer, adversary, teachers)
 
 
 # -- the epochs, saved as they go ------------------------------------------------------------------
@@ -711,6 +726,11 @@ def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argpar
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 logits = setup.trained(batch.contiguous(memory_format=torch.channels_last))
                 loss = setup.criterion(logits.float(), batch_targets)
+                if setup.teachers:
+                    soft_targets = distill.teacher_probabilities(
+                        setup.teachers, batch.contiguous(memory_format=torch.channels_last), args.distill_temperature)
+                    loss = ((1 - args.distill) * loss
+                            + args.distill * distill.distillation_loss(logits, soft_targets, args.distill_temperature))
                 feature_map = activations.pop("map").float() if hook is not None else None
                 if args.cam_penalty:
                     # The true class's CAM, w_c . A: differentiable, and the map the app shows.
@@ -782,8 +802,9 @@ def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: 
         "init": pretrained_weights.describe(args.arch) if args.pretrained else {"source": "random (from scratch)"},
         "training": {key: value for key, value in vars(args).items()
                      if key not in ("manifest", "data", "out", "cache_dir", "resume", "lungs", "init_from",
-                                    "external_dir", "split_from")}
-        | {"kept_epoch": kept_epoch, "epochs_run": int(len(history)), "device": device.type},
+                                    "external_dir", "split_from", "teacher")}
+        | {"kept_epoch": kept_epoch, "epochs_run": int(len(history)), "device": device.type}
+        | ({"teachers": [distill.describe(path) for path in args.teacher]} if args.teacher else {}),
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
