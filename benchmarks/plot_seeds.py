@@ -5,7 +5,8 @@
 Each row of the table is one training run judged by `benchmarks/judge_run.py` (MODEL_CARD.md,
 "Seeds"): its JSON keys, with the left-out hospital H named `left_out` (`H_auroc_vs_test_covid` ->
 `left_out_auroc_vs_test_covid`, `H_normal_threshold` -> `left_out_normals_called`, `H_other_threshold`
--> `left_out_other_called`, the `_argmax` keys alike) and `spec` as `test_specificity`;
+-> `left_out_other_called`, the `_argmax` keys alike), `spec` as `test_specificity` and
+`test_tuned_spec` as `test_tuned_specificity` (blank for the runs whose weights were not kept);
 `threshold_from` says which threshold the rates are at (the run's validation proxy, or a reference
 run's out-of-fold one given with `--threshold` and `--temperature`). Runs judged before the table
 existed carry MODEL_CARD's numbers, with blanks where it gave none. One panel per measure and

@@ -78,6 +78,10 @@ def test_the_seeds_table_is_plotted_from_runs_that_are_complete(tmp_path):
     assert (table["trained_with"] != table["left_out"]).all()  # a hospital is never judged on itself
     measured = table[list(MEASURES)]
     assert measured.notna().all().all() and ((measured >= 0) & (measured <= 1)).all().all()
+    # At a threshold tuned on the test split itself: judged for every run whose weights were kept.
+    tuned = table.dropna(subset=["test_tuned_specificity", "test_tuned_adult_normals_called"])
+    assert len(tuned) >= 8
+    assert tuned[["test_tuned_specificity", "test_tuned_adult_normals_called"]].stack().between(0, 1).all()
     # Two architectures, each with several seeds per left-out hospital: a lever is judged across seeds.
     assert (table.groupby(["left_out", "arch"])["seed"].nunique() >= 2).all()
     out = tmp_path / "seeds.png"
