@@ -1,8 +1,8 @@
 """Distillation for training (`covidxr train --teacher CKPT [--teacher CKPT ...] --distill W`).
 
-Issue 24's seeds study (MODEL_CARD.md, "Seeds") found EfficientNet-Lite2 ranks a hospital it never
-saw better than Lite0 on every seed, and that averaging networks ranks better still; but an
-average of several networks (or one Lite2) breaks the speed bar. Distillation (Hinton, Vinyals &
+Issue 24's seeds study (MODEL_CARD.md, "Seeds") found that EfficientNet-Lite2 ranks a hospital it
+never saw better than Lite0 across seeds, and that averaging networks ranks better still; but an
+average of several networks (or one Lite2) costs more time than the speed bar allows. Distillation (Hinton, Vinyals &
 Dean 2015) asks one small network to copy the average: the student learns from the teachers'
 softened class probabilities on the very augmented batch it sees, besides the labels.
 
@@ -62,7 +62,8 @@ def teacher_probabilities(teachers: list[nn.Module], batch: torch.Tensor, temper
     return torch.stack([torch.softmax(teacher(batch).float() / temperature, dim=1) for teacher in teachers]).mean(0)
 
 
-def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(targets || softmax(student_logits / T)), averaged over the batch."""
+def distillation_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(soft_targets || softmax(student_logits / T)), averaged over the batch; `soft_targets`
+    are the teachers' probabilities at the same T (teacher_probabilities)."""
     log_student = torch.log_softmax(student_logits.float() / temperature, dim=1)
-    return temperature ** 2 * nn.functional.kl_div(log_student, targets, reduction="batchmean")
+    return temperature ** 2 * nn.functional.kl_div(log_student, soft_targets, reduction="batchmean")
