@@ -12,11 +12,11 @@ out-of-fold threshold `covidxr calibrate` picks; use that for anything shipped) 
 At it, and at argmax: the cxr test images (COVID AUROC, sensitivity, specificity, adult normals
 called COVID, COVID against other pneumonia inside ieee8023; and, as the ranking's own limit, the
 specificity and adult normals called at a threshold tuned on the test COVID images themselves, with
-the three COVID images it ranks lowest) and every external hospital the split
-leaves out, per label, with the AUROC of the validation COVID images (and of the test COVID
-images) against that hospital's people: threshold-free, so it ranks recipes without the
-threshold's noise. Fold models trained on part of the validation rows, so for them the test-COVID
-AUROC is the fair one. Prints JSON. Images are framed through the package, as the app frames them."""
+the three COVID images it ranks lowest) and every external hospital the split leaves out, per
+label, with the AUROC of the validation COVID images (and of the test COVID images) against that
+hospital's people: threshold-free, so it ranks recipes without the threshold's noise. Fold
+models trained on part of the validation rows, so for them the test-COVID AUROC is the fair one.
+Prints JSON. Images are framed through the package, as the app frames them."""
 import argparse
 import json
 from pathlib import Path

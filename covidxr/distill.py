@@ -2,16 +2,17 @@
 
 Issue 24's seeds study (MODEL_CARD.md, "Seeds") found that EfficientNet-Lite2 ranks a hospital it
 never saw better than Lite0 across seeds, and that averaging networks ranks better still; but an
-average of several networks (or one Lite2) costs more time than the speed bar allows. Distillation (Hinton, Vinyals &
-Dean 2015) asks one small network to copy the average: the student learns from the teachers'
-softened class probabilities on the very augmented batch it sees, besides the labels.
+average of several networks (or one Lite2) costs more time than the speed bar allows.
+Distillation (Hinton, Vinyals & Dean 2015) asks one small network to copy the average: the
+student learns from the teachers' softened class probabilities on the very augmented batch it
+sees, besides the labels.
 
     loss = (1 - W) * cross-entropy(labels) + W * T^2 * KL(teachers_T || student_T)
 
 where `_T` is a softmax at temperature T (the T^2 keeps the gradient's scale as T changes). The
-teachers run in eval mode without gradients; they are read from their checkpoints (no pickle) and
-must read the image exactly as the student does (framing, input size, normalisation, classes), or
-their probabilities would describe another picture.
+teachers run in eval mode without gradients, batch norms folded; they are read from their
+checkpoints (no pickle) and must read the image exactly as the student does (framing, input size,
+normalisation, classes), or their probabilities would describe another picture.
 
 Teachers should not have trained on the student's validation or test images: give ones trained
 with the same `--split-from` (the cxr split is then shared; an external hospital is split by the
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, read_config
-from .model import build_model
+from .model import build_model, fold_batch_norms
+from .ood import OutOfDistribution
 
 
 def load_teachers(paths: list[str | Path], expected: dict, device: torch.device) -> list[nn.Module]:
@@ -39,9 +41,11 @@ def load_teachers(paths: list[str | Path], expected: dict, device: torch.device)
         if differs:
             raise ValueError(f"--teacher {path}: reads the image otherwise than this run "
                              f"({', '.join(f'{key} {config.get(key)!r} != {expected[key]!r}' for key in differs)})")
+        OutOfDistribution.from_checkpoint(state, config)  # pops the input check's statistics: not weights
         model = build_model(config["arch"], len(config["classes"]))
-        model.load_state_dict({key: value for key, value in state.items() if not key.startswith("ood.")})
-        model = model.to(device).to(memory_format=torch.channels_last).eval()
+        model.load_state_dict(state)
+        # A teacher only predicts, once per training batch: batch norms folded, as Predictor.load does.
+        model = fold_batch_norms(model).to(device).to(memory_format=torch.channels_last).eval()
         model.requires_grad_(False)
         teachers.append(model)
     return teachers
