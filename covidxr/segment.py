@@ -29,13 +29,14 @@ import pandas as pd
 import torch
 from PIL import Image
 from scipy import ndimage
+from sklearn.model_selection import GroupShuffleSplit
 from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint, update_config
-from .data import data_dir, data_hash, load_grayscale, normalise, prepare, read_manifest, split_by_patient
+from .checkpoint import BUNDLED, checkpoint_path, load_checkpoint, save_checkpoint, update_config
+from .data import check_split, data_dir, data_hash, load_grayscale, normalise, patient_groups, prepare, read_manifest
 from .model import fold_batch_norms
 
 SHIPPED_LUNGS = Path(__file__).parent / "weights" / "covidxr-lungs.safetensors"
@@ -213,6 +214,39 @@ def dice_iou(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return (2 * intersection / total if total else 1.0), (intersection / union if union else 1.0)
 
 
+def bundled_splits() -> list[Path]:
+    """The split files of the bundled classifiers (NAME.split.csv beside each checkpoint)."""
+    return [split for name in BUNDLED if (split := checkpoint_path(name).with_suffix(".split.csv")).is_file()]
+
+
+def classifier_test_patients(splits: list[str | Path]) -> set[str]:
+    """Every patient in the test split of any of these classifier split files: the lung model
+    must not learn their masks, or the lung reader's crop, the not-an-X-ray check and the lung
+    focus on those test images would come from a segmenter that has seen them."""
+    patients = set()
+    for split in splits:
+        rows = pd.read_csv(split, dtype=str, keep_default_na=False)
+        patients |= set(rows.loc[rows["split"] == "test", "patient_id"])
+    return patients
+
+
+def split_around(frame: pd.DataFrame, held_out: set[str], seed: int, val_fraction: float) -> pd.DataFrame:
+    """train / val / test for the mask rows: the held-out patients (and any patient sharing an
+    image with one) are the test split; the rest are split into train and val by patient."""
+    frame = frame.assign(split="train")
+    groups = patient_groups(frame)
+    test_groups = set(groups[frame["patient_id"].isin(held_out)])
+    test = groups.isin(test_groups)
+    frame.loc[test, "split"] = "test"
+    rest = frame.index[~test]
+    if len(rest) > 1:
+        folds = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+        _, val = next(folds.split(rest, groups=groups.loc[rest]))
+        frame.loc[rest[val], "split"] = "val"
+    check_split(frame)
+    return frame
+
+
 def _load_pairs(frame: pd.DataFrame, root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     images, masks = [], []
     for filename, mask_name in tqdm(zip(frame["filename"], frame["lung_mask"]), total=len(frame),
@@ -239,7 +273,8 @@ def train_segmenter(args: argparse.Namespace) -> Path:
     if args.limit:  # quick runs: the first patients only
         frame = frame[frame["patient_id"].isin(frame["patient_id"].drop_duplicates()[:args.limit])]
         frame = frame.reset_index(drop=True)
-    frame = split_by_patient(frame, args.seed, 0.15, 0.15)
+    held_out = classifier_test_patients(args.hold_out)
+    frame = split_around(frame, held_out, args.seed, 0.15)
     frame[["filename", "lung_mask", "patient_id", "split"]].to_csv(out / "split.csv", index=False)
     images, masks = _load_pairs(frame, root, args.input_size)
     index = {name: np.flatnonzero(frame["split"].to_numpy() == name) for name in ("train", "val", "test")}
@@ -287,6 +322,10 @@ def train_segmenter(args: argparse.Namespace) -> Path:
     config = {"task": "segmentation", "arch": "lung-unet", "widths": [16, 32, 64, 128], "classes": ["lung"],
               "input_size": args.input_size, "normalisation": NORMALISATION,
               "data": {"manifest": portable_path(args.manifest), "masks": "lung_mask column (V7 Labs, adult COVID images)",
+                       # Every classifier test patient with a mask is this model's test patient too.
+                       "held_out": {"splits": [Path(split).name for split in args.hold_out],
+                                    "test_patients": len(held_out),
+                                    "test_patients_sha256": hashlib.sha256("\n".join(sorted(held_out)).encode()).hexdigest()},
                        "train_data_sha256": data_hash(frame.iloc[index["train"]]),
                        "images": {name: int(len(ix)) for name, ix in index.items()}},
               "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
@@ -379,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hold-out", action="append", default=None, metavar="SPLIT_CSV",
+                        help="a classifier's split file: its test patients are this model's test patients, never "
+                             "trained or validated on (repeatable; default: every bundled classifier's)")
     parser.add_argument("--limit", type=int, help="use only the first N patients' images (quick runs)")
     parser.add_argument("--sheet", action="store_true", help="only draw masks on images without masks (no training)")
     parser.add_argument("--checkpoint", default=None, help="lung checkpoint for --sheet (default: the shipped one)")
@@ -388,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     args.manifest = args.manifest or str(data_dir(args.data) / "manifest.csv")
+    args.hold_out = args.hold_out if args.hold_out is not None else bundled_splits()
     return sheet(args) if args.sheet else train_segmenter(args)
 
 

@@ -195,3 +195,34 @@ def test_a_shrunk_display_copy_gets_the_full_images_lungs_from_the_checks_pass(m
     assert max(shown) == 256 and explanation.lung_focus is not None
     assert len(passes) == 1
     assert np.array_equal(explanation.lung_mask, LungSegmenter.load().segment(gray, shown))
+
+
+def test_no_classifier_test_patient_trains_or_validates_the_lung_model():
+    """The shipped lung model's split, joined with every bundled classifier's: a classifier's test
+    patient with a mask is in the lung model's test split, never its training or validation."""
+    import pandas as pd
+
+    from covidxr.segment import bundled_splits, classifier_test_patients
+
+    splits = bundled_splits()
+    assert len(splits) == 3
+    held_out = classifier_test_patients(splits)
+    lungs = pd.read_csv(SHIPPED_LUNGS.with_suffix(".split.csv"), dtype=str)
+    learned = lungs[lungs["split"].isin(["train", "val"])]
+    assert held_out and not set(learned["patient_id"]) & held_out
+    assert set(lungs.loc[lungs["split"] == "test", "patient_id"]) & held_out  # the test split is theirs
+    config = read_config(SHIPPED_LUNGS)
+    assert sorted(config["data"]["held_out"]["splits"]) == sorted(split.name for split in splits)
+
+
+def test_the_split_around_held_out_patients_keeps_shared_images_together():
+    import pandas as pd
+
+    from covidxr.segment import split_around
+
+    frame = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(40)],
+                          "sha256": [f"h{i}" for i in range(40)]})
+    frame.loc[10, "sha256"] = frame.loc[0, "sha256"]  # p5 shares an image with p0, a held-out patient
+    split = split_around(frame, {"p0", "p1"}, seed=0, val_fraction=0.2)
+    assert set(split.loc[split["split"] == "test", "patient_id"]) == {"p0", "p1", "p5"}
+    assert 0 < (split["split"] == "val").sum() < (split["split"] == "train").sum()
