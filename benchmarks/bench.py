@@ -150,22 +150,23 @@ def app_round_trip(paths: list[Path], repeats: int) -> dict:
 
 
 def compare_view(paths: list[Path], repeats: int, memory_requests: int = 100) -> dict:
-    """The compare view's handler (XrayApp.show with "compare"): every bundled model's verdict
+    """The compare view's handler (analysis.show with "compare"): every bundled model's verdict
     and Grad-CAM for one image, from a cold cache (a new page session each time: nothing of an
     earlier analysis is reused), in this process. Then this process's resident memory before and
     after `memory_requests` more of them."""
     import psutil
 
     from covidxr.predictor import ModelShelf
-    from covidxr.serve import COMPARE, PREDICTED, XrayApp
+    from covidxr.app import analysis
+    from covidxr.app.state import COMPARE, PREDICTED, XrayApp
 
     app = XrayApp(models=ModelShelf.bundled())
     cycle = iter(range(10**9))
 
     def call():
         index = next(cycle)
-        app.predictor.segmenter.forget()  # as every request of the app does (XrayApp.served)
-        app.show(str(paths[index % len(paths)]), "gradcam", PREDICTED, 0.4, COMPARE, f"bench session {index}")
+        app.models.forget_lung_answers()  # as every job of the app does (XrayApp.analyses)
+        analysis.show(app, str(paths[index % len(paths)]), "gradcam", PREDICTED, 0.4, COMPARE, f"bench session {index}")
 
     result = timings(call, repeats, warmup=2)
     result["models"] = app.models.names

@@ -22,7 +22,7 @@ from . import __version__
 # --data DIR (the data folder), --checkpoint FILE, --out DIR, --limit N (use only N).
 COMMANDS = {
     "predict": ("covidxr.batch", "predict image and DICOM files and folders; CSV and heatmaps"),
-    "serve": ("covidxr.serve", "the web app (Gradio): upload an X-ray, see the label and the heatmap"),
+    "serve": ("covidxr.app.server", "the web app (Gradio): upload an X-ray, see the label and the heatmap"),
     "train": ("covidxr.training", "train a classifier; writes a run folder"),
     "calibrate": ("covidxr.calibration", "temperature and COVID threshold from k-fold out-of-fold probabilities"),
     "evaluate": ("covidxr.evaluate", "metrics with confidence intervals, per age group and source"),
@@ -88,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     # The stage's own parser names itself after sys.argv[0]: "covidxr train", not "covidxr".
     saved = sys.argv[0]
     sys.argv[0] = f"covidxr {name}"
+    from .checkpoint import CheckpointError
+
     try:
         status = module.main(rest)
+    except CheckpointError as error:  # a missing or damaged model file: named, and nothing runs
+        raise SystemExit(f"covidxr {name}: {error}") from None
     finally:
         sys.argv[0] = saved
     # Stages that return a status (predict, examples, data) pass it on; the others return their

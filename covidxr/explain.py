@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
                               XGradCAM)
+from pytorch_grad_cam import score_cam
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
@@ -46,6 +48,10 @@ METHODS = {
     "eigencam": EigenCAM,
     "scorecam": ScoreCAM,
 }
+# pytorch-grad-cam's Score-CAM draws a progress bar for every map it makes (score_cam.py calls
+# tqdm.tqdm, with no way to turn it off): in the app a bar per request filled the server's log, in
+# `covidxr predict` one per file among its own. Its batches run without one here.
+score_cam.tqdm = SimpleNamespace(tqdm=lambda iterable, *args, **kwargs: iterable)
 # When a global average pool and one linear layer follow the explained layer (model.CAM_HEADS),
 # the gradient of a class score is the same at every position of a channel. Grad-CAM (mean
 # gradient x activation), HiResCAM (gradient x activation, position by position) and XGrad-CAM
@@ -140,8 +146,8 @@ class Explanation:
         from .report import verdict
 
         prediction = self.prediction
-        # Where the evidence lies is scored only for an X-ray read without warnings.
-        shares = self._shares if not prediction.warnings else None
+        # Where the evidence lies is computed only where it is shown (Verdict.evidence_shown).
+        shares = self._shares if prediction.verdict.evidence_shown else None
         return verdict(prediction.decided, prediction.probabilities, warnings=prediction.warnings[len(prediction.reasons):],
                        reasons=prediction.reasons, decision=prediction.decision, target=self.target,
                        method=self.method, shares=shares, notice=self.notice_rule, same_methods=self.same_methods)

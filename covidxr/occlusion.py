@@ -169,21 +169,26 @@ def plot_deletion(curves: dict[str, DeletionCurve]):
     from matplotlib.figure import Figure
     from PIL import Image
 
-    figure = Figure(figsize=(5.2, 3.0 + 0.3 * len(curves)), dpi=110, layout="constrained")
+    # Sized for where it is shown (a page column, a phone's width): 440 px wide, text at 11-12 pt,
+    # so the legend reads at about 11 px even shrunk to a phone's 300 px.
+    figure = Figure(figsize=(4.4, 3.2 + 0.45 * len(curves)), dpi=100, layout="constrained")
     axes = figure.subplots()
     colours = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
     for (name, curve), colour in zip(curves.items(), colours):
         shares = (0.0, *curve.removed)
         label = f"{name}: " if len(curves) > 1 else ""
-        axes.plot(shares, (curve.as_is, *curve.by_map), "-o", color=colour, markersize=3,
-                  label=f"{label}{curve.target}, the map's hottest first")
-        axes.plot(shares, (curve.as_is, *curve.at_random), "--", color=colour, alpha=0.7,
+        axes.plot(shares, (curve.as_is, *curve.by_map), "-o", color=colour, markersize=4, linewidth=2,
+                  label=f"{label}{curve.target}, hottest first")
+        axes.plot(shares, (curve.as_is, *curve.at_random), "--", color=colour, alpha=0.7, linewidth=2,
                   label=f"{label}{curve.target}, at random")
-    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="share of the input removed", ylabel="probability")
+    axes.set(xlim=(0, 1), ylim=(0, 1.02))
+    axes.set_xlabel("share of the input removed", fontsize=12)
+    axes.set_ylabel("probability", fontsize=12)
+    axes.tick_params(labelsize=11)
     axes.xaxis.set_major_formatter("{x:.0%}")
     axes.yaxis.set_major_formatter("{x:.0%}")
     axes.grid(alpha=0.3)
-    figure.legend(fontsize=7, loc="outside lower center", frameon=False)  # below the plot: no curve hidden
+    figure.legend(fontsize=11, loc="outside lower center", frameon=False)  # below the plot: no curve hidden
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     buffer.seek(0)

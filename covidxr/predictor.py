@@ -109,7 +109,9 @@ class Predictor:
                 f"{path}: weights do not fit architecture {config['arch']!r} with "
                 f"{len(config['classes'])} classes: {str(error).splitlines()[0]}") from error
         # A loaded model only predicts: batch norms folded into the convolutions (model.py).
-        return cls(fold_batch_norms(model), config, device, ood)
+        predictor = cls(fold_batch_norms(model), config, device, ood)
+        predictor.segmenter  # fail closed: a missing or damaged lung model stops here, named
+        return predictor
 
     @property
     def classes(self) -> list[str]:
@@ -241,18 +243,20 @@ class Predictor:
 
     @property
     def segmenter(self):
-        """The lung segmentation model (segment.py), loaded on first use; None if unavailable."""
+        """The lung segmentation model (segment.py), loaded on first use. It fails closed: the
+        not-a-chest-X-ray check needs it, so a missing or damaged file raises `CheckpointError`
+        naming it, never a quiet skip. None only where a predictor was built to read no lungs
+        (`lungs_checkpoint = False`: the audit's randomised-weights copy, which makes maps only)."""
         if self._segmenter is None and self.lungs_checkpoint is not False:
             from .segment import SHIPPED_LUNGS, LungSegmenter
 
-            path = self.lungs_checkpoint or SHIPPED_LUNGS
-            self._segmenter = LungSegmenter.load(path, self.device) if Path(path).exists() else False
+            self._segmenter = LungSegmenter.load(self.lungs_checkpoint or SHIPPED_LUNGS, self.device)
         return self._segmenter or None
 
     def segment_lungs(self, image) -> np.ndarray:
         """Boolean lung mask (H, W) at the image's own size."""
         if self.segmenter is None:
-            raise FileNotFoundError("no lung segmentation checkpoint (covidxr/weights/covidxr-lungs.safetensors)")
+            raise CheckpointError("this predictor was built without a lung model (lungs_checkpoint is False)")
         return self.segmenter.segment(image)
 
     def explain(self, image, method: str = "gradcam", target: str | None = None, opacity: float = 0.4,
@@ -352,6 +356,12 @@ class ModelShelf:
             for predictor in self._loaded.values():
                 if predictor._segmenter:
                     predictor._segmenter.forget()
+
+    def load_all(self) -> None:
+        """Load every model now (and with each its lung model): a server fails at start, naming
+        the file, rather than at a visitor's first request for a damaged one."""
+        for name in self.names:
+            self[name]
 
     @property
     def default(self) -> str:

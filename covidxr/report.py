@@ -32,7 +32,7 @@ ERROR_HEADLINE = "No result: this file could not be analysed"
 DEFAULT_NOTICE = {"rule": "chance", "method": "gradcam"}
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM",
                  "xgradcam": "XGrad-CAM", "layercam": "LayerCAM", "eigencam": "Eigen-CAM",
-                 "scorecam": "Score-CAM (slow)"}
+                 "scorecam": "Score-CAM"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,13 @@ class Verdict:
         if self.status == RESULT:
             return f"Prediction: {self.label}"
         return NOT_AN_XRAY_HEADLINE if self.status == REFUSED else ERROR_HEADLINE
+
+    @property
+    def evidence_shown(self) -> bool:
+        """Whether where the evidence lies (lung focus, the lungs' outline, the notice) is shown:
+        only for an X-ray read without warnings. Lungs "found" on a photo, a document or an
+        unusual film may be no lungs. The one place this rule is written."""
+        return self.status == RESULT and not self.warnings
 
     @property
     def explained_other_class(self) -> bool:
@@ -127,9 +134,7 @@ def verdict(decided: str, probabilities: Mapping[str, float], *, warnings: Seque
             max(probabilities, key=probabilities.get) != decided:
         why = (f"Called {decided} because its probability reaches the model's operating threshold of "
                f"{decision['threshold']:.2f}, though another class is more probable.")
-    # Where the evidence lies means something only on an X-ray read without warnings: lungs
-    # "found" on an unusual film may be no lungs.
-    shares = dict(shares or {}) if not warnings else {}
+    shares = dict(shares or {}) if Verdict(RESULT, decided, warnings=tuple(warnings)).evidence_shown else {}
     text = ""
     rule = notice or DEFAULT_NOTICE
     focus = shares.get("lung_focus")

@@ -35,7 +35,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .checkpoint import BUNDLED, checkpoint_path, load_checkpoint, save_checkpoint, update_config
+from .checkpoint import BUNDLED, CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint, update_config
 from .data import check_split, data_dir, data_hash, load_grayscale, normalise, patient_groups, prepare, read_manifest
 from .model import fold_batch_norms
 
@@ -112,9 +112,13 @@ class LungSegmenter:
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None) -> "LungSegmenter":
         path = Path(path) if path else SHIPPED_LUNGS
-        state, config = load_checkpoint(path)
-        model = LungUNet(tuple(config["widths"]))
-        model.load_state_dict(state, strict=True)
+        state, config = load_checkpoint(path)  # CheckpointError naming the file if absent or damaged
+        try:
+            model = LungUNet(tuple(config["widths"]))
+            model.load_state_dict(state, strict=True)
+        except (KeyError, TypeError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: not a lung model this version can read "
+                                  f"({str(error).splitlines()[0]})") from error
         segmenter = cls(fold_batch_norms(model), config, device)
         # Which lung model framed a classifier's training images (framing.frame_all's cache key).
         segmenter.fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -156,7 +156,18 @@ class XrayCheck:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "XrayCheck":
-        return cls(json.loads(Path(path or SHIPPED_RULES).read_text()))
+        """The check's rules from their file. Fails closed: without its rules no input could be
+        refused, so a missing or damaged file raises `CheckpointError` naming it."""
+        from .checkpoint import CheckpointError
+
+        path = Path(path or SHIPPED_RULES)
+        try:
+            rules = json.loads(path.read_text())
+            rules["lungs"]["template"], rules["min_side"]  # the parts every check reads
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path}: the not-a-chest-X-ray check's rules cannot be read "
+                                  f"({type(error).__name__}: {error})") from error
+        return cls(rules)
 
     def lungs_plausible(self, evidence: dict, inverse: bool = False) -> bool:
         rule = self.rules["lungs"]

@@ -62,7 +62,8 @@ def test_store_notice_measures_the_chance_rule_on_validation_xrays(tmp_path):
     import torch
 
     from covidxr.checkpoint import load_checkpoint, read_config
-    from covidxr.serve import notice_facts, notice_rule
+    from covidxr.app.model_card import notice_facts
+    from covidxr.report import notice_rule
 
     checkpoint = tmp_path / "model.safetensors"
     shutil.copy(SHIPPED_CHECKPOINT, checkpoint)

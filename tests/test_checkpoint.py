@@ -146,7 +146,7 @@ def test_a_new_rule_marks_the_metrics_stale_until_measured_again(tmp_path):
 
 
 def test_the_app_does_not_show_stale_metrics_as_current():
-    from covidxr.serve import model_facts
+    from covidxr.app.model_card import model_facts
 
     config = read_config(SHIPPED_CHECKPOINT)
     accuracy = f"accuracy {config['metrics']['accuracy']:.3f}"

@@ -95,11 +95,12 @@ def test_unsupported_dicom_is_refused_clearly(tmp_path, xray):
 
 
 def test_app_handler_accepts_dicom(tmp_path, xray, predictor):
-    from covidxr.serve import XrayApp
+    from covidxr.app import analysis
+    from covidxr.app.state import XrayApp
 
     png, gray8 = xray
     path = write_dicom(tmp_path / "upload.dcm", 4095 - gray8 * 16, 12, "MONOCHROME1")
-    probabilities, original, overlay, summary = XrayApp(predictor, tmp_path).analyse(str(path))
+    probabilities, original, overlay, summary = analysis.predict_api(XrayApp(predictor, tmp_path), str(path))
     assert original.size == overlay.size == Image.open(png).size
     assert summary.startswith(f"### Prediction: {predictor.predict(png).label}")
 

@@ -211,3 +211,12 @@ def test_the_explained_class_is_the_decided_class_under_temperature_and_threshol
     explanation = calibrated.explain(covid_xray)
     assert explanation.prediction.label == decided
     assert explanation.target == decided
+
+
+def test_score_cam_draws_no_progress_bar(manifest_frame, capfd):
+    """pytorch-grad-cam's Score-CAM drew a progress bar per map: in the app, one per request (and
+    a deletion curve's many) in the server's log."""
+    from covidxr import Predictor
+
+    Predictor.load().explain(real_image(manifest_frame, "normal", "nih14"), method="scorecam", max_side=128)
+    assert "it/s" not in capfd.readouterr().err

@@ -14,7 +14,7 @@ from PIL import Image
 from benchmarks.common import shared_ssl_context
 from conftest import real_image
 from covidxr.data import ImageLoadError
-from covidxr.serve import NOT_AN_XRAY
+from covidxr.report import NOT_AN_XRAY
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -231,7 +231,7 @@ def test_truncated_real_images_are_refused_not_padded(tmp_path, manifest_frame):
     """Cut in half, a real X-ray still passes the size bound; PIL must then refuse the missing
     half rather than fill it with gray, which it does only while ImageFile.LOAD_TRUNCATED_IMAGES
     stays off, whatever the app imports."""
-    import covidxr.serve  # noqa: F401 - gradio and everything the app loads
+    import covidxr.app.server  # noqa: F401 - gradio and everything the app loads
     from PIL import ImageFile
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
@@ -384,29 +384,31 @@ def predictor():
 def test_handler_checks_every_parameter_without_echoing_it(predictor, tmp_path, manifest_frame):
     import gradio as gr
 
-    from covidxr.serve import XrayApp
+    from covidxr.app import analysis, layout
+    from covidxr.app.state import XrayApp
 
     app = XrayApp(predictor, tmp_path)
     xray = str(real_image(manifest_frame, "normal", "nih14"))
     for opacity in (float("nan"), float("inf"), -0.1, 1.5, "abc", "0.5", None, True, [0.5]):
         with pytest.raises(gr.Error, match="Opacity must be a number from 0 to 1"):
-            app.analyse(xray, "gradcam", "predicted class", opacity)
+            analysis.predict_api(app, xray, "gradcam", "predicted class", opacity)
     with pytest.raises(gr.Error, match="Unknown explanation method") as refused:
-        app.analyse(xray, "x" * 100_000)
+        analysis.predict_api(app, xray, "x" * 100_000)
     assert len(refused.value.message) < 300
     with pytest.raises(gr.Error, match="Unknown class"):
-        app.analyse(xray, "gradcam", {"not": "a class"})
-    assert app.analyse(xray, "gradcam", "covid", 1)[3].startswith("### Prediction")
+        analysis.predict_api(app, xray, "gradcam", {"not": "a class"})
+    assert analysis.predict_api(app, xray, "gradcam", "covid", 1)[3].startswith("### Prediction")
 
 
 def test_handler_logs_an_expected_refusal_in_one_line(predictor, bombs, tmp_path, caplog):
     import gradio as gr
 
-    from covidxr.serve import XrayApp
+    from covidxr.app import analysis, layout
+    from covidxr.app.state import XrayApp
 
     path, _ = bombs["jpeg-65000.dcm"]
     with caplog.at_level("INFO", logger="covidxr.serve"), pytest.raises(gr.Error) as refused:
-        XrayApp(predictor, tmp_path).analyse(str(path))
+        analysis.predict_api(XrayApp(predictor, tmp_path), str(path))
     assert refused.value.message.startswith("jpeg-65000.dcm: its JPEG Baseline")
     assert refused.value.message.count("jpeg-65000.dcm") == 1
     assert refused.value.print_exception is False  # Gradio prints no traceback for it
@@ -415,10 +417,12 @@ def test_handler_logs_an_expected_refusal_in_one_line(predictor, bombs, tmp_path
 
 
 def test_app_analytics_off_and_files_expire(predictor, tmp_path, monkeypatch):
-    from covidxr.serve import FILE_LIFETIME_S, XrayApp
+    from covidxr.app import layout
+    from covidxr.app.layout import FILE_LIFETIME_S
+    from covidxr.app.state import XrayApp
 
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")  # even so
-    demo = XrayApp(predictor, tmp_path).build()
+    demo = layout.build(XrayApp(predictor, tmp_path))
     assert demo.analytics_enabled is False
     assert demo.delete_cache == (FILE_LIFETIME_S, FILE_LIFETIME_S) == (3600, 3600)
 
@@ -432,11 +436,12 @@ def test_an_upload_leaves_no_empty_temp_file(predictor, tmp_path, monkeypatch, m
     path to a handler (twice per analysis): 1,224 of them after 612 analyses."""
     from gradio.data_classes import FileData
 
-    from covidxr.serve import XrayApp
+    from covidxr.app import analysis, layout
+    from covidxr.app.state import XrayApp
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "temp"))
     (tmp_path / "temp").mkdir()  # as launch() makes it
-    upload = _component(XrayApp(predictor, tmp_path).build(), "upload")
+    upload = _component(layout.build(XrayApp(predictor, tmp_path)), "upload")
     xray = str(real_image(manifest_frame, "normal", "nih14"))
     before = set(Path(upload.GRADIO_CACHE).rglob("*"))
     for _ in range(3):
@@ -451,10 +456,11 @@ def test_a_result_image_is_never_rewritten_in_place(predictor, tmp_path, monkeyp
     downloads were cut short. Written once, under another name, then renamed into place."""
     import pathlib
 
-    from covidxr.serve import XrayApp
+    from covidxr.app import analysis, layout
+    from covidxr.app.state import XrayApp
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "temp"))
-    demo = XrayApp(predictor, tmp_path).build()
+    demo = layout.build(XrayApp(predictor, tmp_path))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8))
     opened_for_writing = []
     real_open = pathlib.Path.open
@@ -527,7 +533,7 @@ def test_launched_app_config_headers_and_private_files(served_app):
 
 def test_launched_app_caps_analyses_per_client(served_app, examples_dir):
     """The running job counts: with one running, MAX_JOBS_PER_CLIENT - 1 more are taken."""
-    from covidxr.serve import MAX_JOBS_PER_CLIENT
+    from covidxr.app.state import MAX_ANALYSES_PER_CLIENT as MAX_JOBS_PER_CLIENT
 
     client = Client(served_app, verbose=False, ssl_verify=shared_ssl_context())
     example = handle_file(str(next(p for p in sorted(examples_dir.iterdir())
@@ -567,8 +573,8 @@ def _free_port() -> int:
 @pytest.mark.slow  # several seconds: kept out of the fast layer
 def test_login_public_url_and_private_temp_folder(tmp_path, monkeypatch, manifest_frame):
     """`--auth` asks for a login; with `--public-url`, result URLs ignore the request's Host."""
-    from covidxr.logins import read_logins
-    from covidxr.serve import launch
+    from covidxr.app.logins import read_logins
+    from covidxr.app.server import launch
 
     logins = tmp_path / "logins.txt"
     logins.write_text("# who may use the app\nana:s3cret:with:colons\n")

@@ -13,7 +13,8 @@ from covidxr import Predictor
 from covidxr.checkpoint import save_checkpoint, update_config
 from covidxr.cli import main
 from covidxr.model import build_model
-from covidxr.serve import XrayApp
+from covidxr.app import analysis
+from covidxr.app.state import XrayApp
 
 CLASSES = ["covid", "normal", "pneumonia"]
 TEMPERATURE = 2.0
@@ -82,7 +83,7 @@ def test_the_cli_writes_the_decided_class(lung_reader, xray, tmp_path):
 def test_the_app_shows_the_decided_class_and_why(lung_reader, xray, tmp_path):
     path, least = lung_reader
     app = XrayApp(Predictor.load(path), tmp_path)
-    label, original, overlay, summary = app.analyse(str(xray))
+    label, original, overlay, summary = analysis.predict_api(app, str(xray))
     assert label.label == least
     assert f"Prediction: {least}" in summary and "operating threshold" in summary
     assert overlay.size == original.size

@@ -54,7 +54,7 @@ def imports_of(path: Path, root: Path = REPO) -> set[str]:
 
 
 def import_graph(folders=("covidxr", "benchmarks")) -> dict[str, set[str]]:
-    modules = {module_name(path): path for folder in folders for path in (REPO / folder).glob("*.py")}
+    modules = {module_name(path): path for folder in folders for path in (REPO / folder).rglob("*.py")}
     return {name: {target for target in imports_of(path) if target in modules and target != name}
             for name, path in modules.items()}
 
@@ -113,7 +113,9 @@ def test_benchmarks_stay_outside_the_runtime_package():
     graph = import_graph()
     assert not any(target.startswith("benchmarks") for name, targets in graph.items()
                    if name.startswith("covidxr") for target in targets)
-    assert PYPROJECT["tool"]["setuptools"]["packages"] == ["covidxr"]
+    packages = PYPROJECT["tool"]["setuptools"]["packages"]
+    assert packages == ["covidxr", "covidxr.app"]  # every package of covidxr/, nothing else
+    assert {module_name(path.parent) for path in (REPO / "covidxr").rglob("__init__.py")} == set(packages)
 
 
 def _distribution(requirement: str) -> str:
@@ -121,21 +123,22 @@ def _distribution(requirement: str) -> str:
 
 
 def _third_party(folder: str) -> dict[str, dict[str, set[str]]]:
-    """For each module of `folder`: its third-party imports, each with the distributions that
-    can provide it."""
+    """For each module of `folder` (its sub-packages too, by path): its third-party imports, each
+    with the distributions that can provide it."""
     owners = importlib.metadata.packages_distributions()
     # The project's own packages, and the folder's own modules (a test may reuse another's helpers).
     local = {"covidxr", "benchmarks", "conftest"} | {path.stem for path in (REPO / folder).glob("*.py")}
     result = {}
-    for path in (REPO / folder).glob("*.py"):
+    for path in (REPO / folder).rglob("*.py"):
         tops = {name.split(".")[0] for name in imports_of(path)} - local - set(sys.stdlib_module_names) - {""}
-        result[path.name] = {top: {owner.lower().replace("_", "-") for owner in owners.get(top, [top])}
-                             for top in tops}
+        result[path.relative_to(REPO / folder).as_posix()] = {
+            top: {owner.lower().replace("_", "-") for owner in owners.get(top, [top])} for top in tops}
     return result
 
 
-# The modules only the web app imports: they may use the [app] extra's packages.
-SERVING = {"serve.py", "limits.py"}
+def _serving(module: str) -> bool:
+    """The modules only the web app imports (covidxr/app/): they may use the [app] extra's packages."""
+    return module.startswith("app/")
 
 
 @pytest.mark.slow  # several seconds: kept out of the fast layer
@@ -147,7 +150,7 @@ def test_every_import_is_a_declared_dependency():
     undeclared = []
     for folder in ("covidxr", "benchmarks", "tests"):
         for module, imported in _third_party(folder).items():
-            allowed = (runtime | app if module in SERVING else runtime) if folder == "covidxr" else everything
+            allowed = (runtime | app if _serving(module) else runtime) if folder == "covidxr" else everything
             undeclared += [(folder, module, top) for top, owners in imported.items() if not owners & allowed]
     assert undeclared == []
 

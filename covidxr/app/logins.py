@@ -21,7 +21,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from .limits import client_of, read_body, send_json
+from .middleware import read_body, scope_client, send_json
 
 log = logging.getLogger("covidxr.serve")
 
@@ -82,9 +82,11 @@ class Throttle:
 
 
 class LoginGuard:
-    def __init__(self, throttle: Throttle | None = None, token_lifetime_s: float = TOKEN_LIFETIME_S):
+    def __init__(self, throttle: Throttle | None = None, token_lifetime_s: float = TOKEN_LIFETIME_S,
+                 clock=time.monotonic):
         self.throttle = throttle or Throttle()
         self.token_lifetime_s = token_lifetime_s
+        self.clock = clock  # seconds, monotonic (a test passes its own)
         self.issued: dict[str, float] = {}  # token -> when
         self.lock = threading.Lock()
 
@@ -104,7 +106,7 @@ class LoginGuard:
     async def _login(self, app, scope, receive, send):
         body, receive = await read_body(receive)
         user = (parse_qs(body.decode("utf-8", "replace")).get("username") or [""])[0].strip()
-        keys = (f"user {user}", f"address {client_of(scope)}")
+        keys = (f"user {user}", f"address {scope_client(scope)}")
         wait = self.throttle.wait_s(*keys)
         if wait > 0:
             return await send_json(send, 429, {"detail": f"Too many failed logins: try again in {wait:.0f} s."})
@@ -125,7 +127,7 @@ class LoginGuard:
                 for cookie in cookies:
                     for name, morsel in SimpleCookie(cookie).items():
                         if name.startswith(TOKEN_COOKIE):
-                            self.issued[morsel.value] = time.monotonic()
+                            self.issued[morsel.value] = self.clock()
         elif status in (400, 401, 403):
             self.throttle.failed(*keys)
             log.info("failed login for %s", " from ".join(keys))
@@ -135,7 +137,7 @@ class LoginGuard:
         headers = scope.get("headers", [])
         if not any(name == b"cookie" and TOKEN_COOKIE.encode() in value for name, value in headers):
             return
-        now = time.monotonic()
+        now = self.clock()
         kept = []
         for name, value in headers:
             if name == b"cookie":

@@ -20,13 +20,13 @@ import hmac
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from cachetools import TTLCache
 from PIL import Image
 
-from .explain import overlay
+from ..explain import overlay
 
 MOST_KEPT = 48
 KEPT_FOR_S = 600
@@ -58,10 +58,14 @@ class Shown:
 
 
 class KeptMaps:
-    def __init__(self, most: int = MOST_KEPT, lifetime_s: float = KEPT_FOR_S):
+    """The table (cachetools.TTLCache: least recently used dropped first, each entry expiring
+    `lifetime_s` after it was last kept or read), keyed by `key_for`. `clock`: seconds, monotonic
+    (a test passes its own)."""
+
+    def __init__(self, most: int = MOST_KEPT, lifetime_s: float = KEPT_FOR_S, clock=time.monotonic):
         self.most, self.lifetime_s = most, lifetime_s
-        self.entries: OrderedDict[str, tuple[float, Shown]] = OrderedDict()
-        self.lock = threading.Lock()
+        self.entries: TTLCache[str, Shown] = TTLCache(maxsize=most, ttl=lifetime_s, timer=clock)
+        self.lock = threading.Lock()  # handlers on several threads read and keep
         self._secret = secrets.token_bytes(32)  # new at each start: keys are good for this server only
 
     def key_for(self, *parts: str) -> str:
@@ -72,30 +76,19 @@ class KeptMaps:
         """Keep `shown` under `key` (default: a new random one); returns the key."""
         key = key or secrets.token_urlsafe(16)
         with self.lock:
-            self._drop_old(time.monotonic())
-            self.entries[key] = (time.monotonic(), shown)
-            self.entries.move_to_end(key)
-            while len(self.entries) > self.most:
-                self.entries.popitem(last=False)
+            self.entries[key] = shown
         return key
 
     def get(self, key) -> Shown | None:
         if not isinstance(key, str):
             return None
         with self.lock:
-            self._drop_old(time.monotonic())
-            entry = self.entries.get(key)
-            if entry is None:
-                return None
-            self.entries[key] = (time.monotonic(), entry[1])  # a re-blend keeps it alive
-            self.entries.move_to_end(key)
-            return entry[1]
+            shown = self.entries.get(key)
+            if shown is not None:
+                self.entries[key] = shown  # a re-blend keeps it alive: its lifetime starts again
+            return shown
 
     def __len__(self) -> int:
         with self.lock:
-            self._drop_old(time.monotonic())
+            self.entries.expire()
             return len(self.entries)
-
-    def _drop_old(self, now: float) -> None:
-        while self.entries and now - next(iter(self.entries.values()))[0] > self.lifetime_s:
-            self.entries.popitem(last=False)
