@@ -29,6 +29,7 @@ COMMANDS = {
     "audit": ("covidxr.audit", "shortcut audit: how much of each heatmap lies on the lungs"),
     "segment": ("covidxr.segment", "train the lung U-Net, or draw its masks on a contact sheet"),
     "ood": ("covidxr.ood_measure", "fit, measure and store the not-a-chest-X-ray check"),
+    "quality": ("covidxr.quality", "does each model's answer survive a JPEG, a smaller copy or a blur?"),
     "hospitals": ("covidxr.hospitals", "how often a model calls adults of hospitals it never saw COVID"),
     "describe": ("covidxr.checkpoint", "print a checkpoint's description; --card sets what the app says of it"),
     "examples": ("covidxr.examples", "fetch the bundled example X-rays (sha256-checked)"),

@@ -463,12 +463,13 @@ def check_split(frame: pd.DataFrame) -> None:
 
 def training_augmentation(rotation: float = 10.0, brightness: float = 0.3, contrast: float = 0.3,
                           erase_probability: float = 0.25, hide_shortcuts: bool = False,
-                          photometric: bool = False) -> v2.Compose:
+                          photometric: bool = False, matched_quality: float = 0.0) -> v2.Compose:
     """The 2020 recipe (rotation, brightness) plus small shifts, zoom, contrast and erasing.
 
     Random erasing of a patch makes the network gather evidence from more than one spot, which
     keeps it from leaning on a single marker or border. `hide_shortcuts` adds `HideShortcuts`,
-    `photometric` adds `SourceJitter`."""
+    `photometric` adds `SourceJitter`, `matched_quality` (a probability) adds `MatchedQuality`
+    last, as a file's encoding comes last."""
     steps = [v2.RandomAffine(degrees=rotation, translate=(0.06, 0.06), scale=(0.9, 1.1)),
              v2.ColorJitter(brightness=brightness, contrast=contrast)]
     if photometric:
@@ -476,7 +477,39 @@ def training_augmentation(rotation: float = 10.0, brightness: float = 0.3, contr
     if hide_shortcuts:
         steps.append(HideShortcuts())
     steps.append(v2.RandomErasing(p=erase_probability, scale=(0.02, 0.1), value=0))
+    if matched_quality:
+        steps.append(MatchedQuality(matched_quality))
     return v2.Compose(steps)
+
+
+class MatchedQuality(torch.nn.Module):
+    """Make the file's quality carry no information about the label: with `probability`, whatever
+    the label, one degradation drawn from a single distribution wide enough for the worst source
+    (issue 35): each of gamma 0.7-1.4, blur sigma 0.3-1.5 px, a copy down to 35-100% of the size
+    and back up, sensor noise 0.5-3% and JPEG quality 20-95 is applied with probability one half
+    (at least one of them), in that order, JPEG last as a file's encoding is. Unlike
+    `SourceJitter`, whose steps each fire at 0.35, nearly every image goes through it: with every
+    COVID film already degraded and every normal pristine, a rare degradation still meant COVID.
+    Works on uint8 (1, S, S) images; a region travelling with the image is left as it is."""
+
+    def __init__(self, probability: float = 0.8):
+        super().__init__()
+        self.probability = probability
+        self.steps = [_Gamma((0.7, 1.4)), v2.GaussianBlur(9, sigma=(0.3, 1.5)), _ResolutionLoss((0.35, 1.0)),
+                      _Grain((0.005, 0.03)), v2.JPEG((20, 95))]
+
+    def forward(self, image: torch.Tensor, *others):
+        if others:
+            return (self.forward(image), *others)
+        if torch.rand(()) >= self.probability:
+            return image
+        chosen = torch.rand(len(self.steps)) < 0.5
+        if not chosen.any():
+            chosen[torch.randint(len(self.steps), ())] = True
+        for step, on in zip(self.steps, chosen):
+            if on:
+                image = step(image)
+        return image
 
 
 class HideShortcuts(torch.nn.Module):

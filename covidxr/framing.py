@@ -15,7 +15,10 @@ dimmed. The recipe is stored in the checkpoint under "framing":
   it bounds where the training penalty lets evidence lie (training.py) and what `outside` dims;
 - outside: brightness kept outside the dilated mask (1.0: nothing dimmed);
 - min_lung_area: below this share of the image the lungs count as not found, the whole image is
-  used, and the prediction says so.
+  used, and the prediction says so;
+- floor (optional, either method): {"side": S, "jpeg": Q}: what the network reads is first
+  brought down to S x S pixels and, with Q, re-encoded as a JPEG (`quality_floor`): one common
+  file quality, so the file's own can no longer tell the sources apart.
 
 A checkpoint without "framing" (older ones) reads the whole image, as it was trained.
 Training, evaluation, `Predictor`, the command line and the app all frame through `frame`.
@@ -102,9 +105,32 @@ def model_view(gray: np.ndarray, framing: Framing, recipe: dict | None, size: in
     outside = (recipe or {}).get("outside", 1.0)
     if outside < 1.0 and framing.lungs_found:
         crop = np.where(allowed_region(framing, recipe), crop, crop * outside)
+    floor = (recipe or {}).get("floor")
+    if floor:
+        crop = quality_floor(crop, floor["side"], floor.get("jpeg"))
     # `prepare` stretches the crop to its own range: a bright shoulder or a black border cut away
     # no longer sets the contrast.
     return prepare(np.ascontiguousarray(crop), size, equalize)
+
+
+def quality_floor(crop: np.ndarray, side: int, jpeg_quality: int | None = None) -> np.ndarray:
+    """The crop brought down to one common quality: `side` x `side` pixels (area averaging), then,
+    with `jpeg_quality`, saved as a JPEG and read back. Whatever finer detail or cleaner encoding
+    a file had above this floor (a lossless PNG, a 1,024-px original) is gone before the network
+    sees it, in training and in serving alike, so it cannot tell one source's files from another's
+    (issue 35). What lies below the floor (a copy smaller than `side` across the lungs) still differs."""
+    small = cv2.resize(np.asarray(crop, np.float32), (side, side), interpolation=cv2.INTER_AREA)
+    if jpeg_quality:
+        from PIL import Image
+        import io
+
+        low, high = float(small.min()), float(small.max())
+        scaled = (small - low) / (high - low) if high > low else np.zeros_like(small)
+        buffer = io.BytesIO()
+        Image.fromarray((scaled * 255).round().astype(np.uint8)).save(buffer, format="JPEG", quality=jpeg_quality)
+        buffer.seek(0)
+        small = np.asarray(Image.open(buffer), np.float32) / 255
+    return small
 
 
 def region_view(framing: Framing, recipe: dict | None, size: int) -> torch.Tensor:

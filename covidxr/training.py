@@ -43,7 +43,7 @@ from . import distill  # noqa: E402
 from . import pretrained as pretrained_weights  # noqa: E402
 from .calibration import choose_threshold  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .data import (XrayTensors, assign_fold, check_split, data_dir, data_hash, normalise,  # noqa: E402
+from .data import (MatchedQuality, XrayTensors, assign_fold, check_split, data_dir, data_hash, normalise,  # noqa: E402
                    parse_filters, parse_label_map, read_manifest, select, split_by_patient, training_augmentation)
 from .evaluate import evaluate_predictions, summarise, write_gallery, write_report  # noqa: E402
 from .hospitals import hospitals_dir, judge_all, read_hospital  # noqa: E402
@@ -105,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--photometric", action="store_true",
                         help="augment acquisition and processing: gamma, contrast, blur, grain, resolution loss, "
                              "JPEG re-encoding, histogram equalisation (data.SourceJitter)")
+    parser.add_argument("--matched-quality", type=float, default=0.0, metavar="P",
+                        help="with probability P, whatever the label, a degradation drawn from one wide distribution "
+                             "(JPEG 20-95, resolution, blur, noise, gamma; data.MatchedQuality), so the file's quality "
+                             "stops predicting the class (issue 35: P >= 0.8)")
+    parser.add_argument("--quality-floor", type=int, default=None, metavar="SIDE",
+                        help="bring what the network reads down to SIDE x SIDE pixels first (and, with --floor-jpeg, "
+                             "re-encode it), in training and serving alike: stored in the checkpoint's framing "
+                             "(framing.quality_floor)")
+    parser.add_argument("--floor-jpeg", type=int, default=None, metavar="Q",
+                        help="with --quality-floor: re-encode at JPEG quality Q")
+    parser.add_argument("--consistency", type=float, default=0.0, metavar="W",
+                        help="weight of a Jensen-Shannon consistency loss between the predictions for each training "
+                             "image and a degraded copy of it (MatchedQuality at probability 1; AugMix, stability "
+                             "training): costs a second forward pass a batch")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--start-size", type=int, default=None,
@@ -444,10 +458,11 @@ def write_args(args: argparse.Namespace, out_dir: Path, world: int) -> None:
 
 
 def framing_recipe(args: argparse.Namespace) -> dict:
+    floor = {"floor": {"side": args.quality_floor, "jpeg": args.floor_jpeg}} if args.quality_floor else {}
     if args.framing == "whole":
-        return dict(framing.WHOLE_IMAGE)
+        return dict(framing.WHOLE_IMAGE) | floor
     return framing.LUNG_CROP | {"margin": args.margin, "dilation": args.dilation, "outside": args.outside,
-                                "lungs": Path(args.lungs or SHIPPED_LUNGS).name}
+                                "lungs": Path(args.lungs or SHIPPED_LUNGS).name} | floor
 
 
 def load_data(args: argparse.Namespace, dist: Distributed, out_dir: Path) -> TrainingData:
@@ -532,7 +547,8 @@ def build_setup(args: argparse.Namespace, data: TrainingData, dist: Distributed,
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ood.")})
     model = model.to(device).to(memory_format=torch.channels_last)
     augment = None if args.no_augment else training_augmentation(hide_shortcuts=args.hide_shortcuts,
-                                                                  photometric=args.photometric)
+                                                                  photometric=args.photometric,
+                                                                  matched_quality=args.matched_quality)
     train = data.index["train"]
     sources, source_index = source_adversary.source_codes(list(data.frame["source_dataset"].iloc[train]))
     train_set = XrayTensors(data.images[train], data.targets[train], augment, data.regions[train], source_index)
@@ -705,6 +721,19 @@ def outside_share(cams: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     return (weights * (1 - inside)).sum((1, 2))
 
 
+# The degraded copy of the consistency loss: always degraded (MatchedQuality at probability 1).
+DEGRADE = MatchedQuality(1.0)
+
+
+def js_divergence(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between the two predictions, averaged over the batch (AugMix's
+    consistency loss, with one augmented copy): zero when a degraded copy gets the same answer."""
+    p, q = torch.softmax(logits, 1), torch.softmax(other, 1)
+    mixture = ((p + q) / 2).clamp_min(1e-7).log()
+    return (nn.functional.kl_div(mixture, p, reduction="batchmean")
+            + nn.functional.kl_div(mixture, q, reduction="batchmean")) / 2
+
+
 def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argparse.Namespace, description: str,
                     size: int, progress: bool = True) -> dict:
     """One pass over the (augmented) training set. Returns the mean loss and accuracy, the share of
@@ -721,17 +750,25 @@ def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argpar
     try:
         for batch, regions, batch_targets, batch_sources in tqdm(setup.loaders[size], desc=description, leave=False,
                                                                  unit="batch", disable=not progress):
+            clean = len(batch)
+            if args.consistency:  # each image beside a degraded copy of itself, in one pass
+                batch = torch.cat([batch, torch.stack([DEGRADE(image) for image in batch])])
             batch = normalise(batch.to(device), norm["mean"], norm["std"])
             batch_targets = batch_targets.to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 logits = setup.trained(batch.contiguous(memory_format=torch.channels_last))
+                if args.consistency:
+                    logits, degraded_logits = logits[:clean], logits[clean:]
+                    batch = batch[:clean]
                 loss = setup.criterion(logits.float(), batch_targets)
+                if args.consistency:
+                    loss = loss + args.consistency * js_divergence(logits.float(), degraded_logits.float())
                 if setup.teachers:
                     soft_targets = distill.teacher_probabilities(
                         setup.teachers, batch.contiguous(memory_format=torch.channels_last), args.distill_temperature)
                     loss = ((1 - args.distill) * loss
                             + args.distill * distill.distillation_loss(logits, soft_targets, args.distill_temperature))
-                feature_map = activations.pop("map").float() if hook is not None else None
+                feature_map = activations.pop("map").float()[:clean] if hook is not None else None
                 if args.cam_penalty:
                     # The true class's CAM, w_c . A: differentiable, and the map the app shows.
                     cams = class_activation_maps(setup.model, args.arch, feature_map)
