@@ -38,6 +38,7 @@ from .data import IMAGE_SUFFIXES, ImageLoadError, not_a_file
 from .explain import METHODS, identical_methods
 from .legend import captioned
 from .predictor import Predictor
+from .quality import held
 
 # Lung focus is scored on the map shrunk to this many pixels a side, as the app does.
 FOCUS_SIDE = 1024
@@ -139,8 +140,10 @@ class Results:
 
 
 def predict_files(predictor: Predictor, entries: list[Entry], results: Results, cam_dir: Path | None,
-                  method: str, cam_target: str | None = None) -> Counter:
-    """Predict every entry, writing each row as it comes; counts of predicted, failed, skipped."""
+                  method: str, cam_target: str | None = None, quality_check: bool = False) -> Counter:
+    """Predict every entry, writing each row as it comes; counts of predicted, failed, skipped.
+    With `quality_check`, each row also says whether the label held when the file was compressed,
+    shrunk and blurred (quality.held)."""
     counts = Counter(predicted=0, failed=0, skipped=0)
     saved_names: set[str] = set()
     if cam_dir:
@@ -168,8 +171,19 @@ def predict_files(predictor: Predictor, entries: list[Entry], results: Results, 
             results.write({"file": str(path), **report.csv_fields(failed, predictor.classes)})
             continue
         counts["predicted"] += 1
-        results.write({"file": str(path), **report.csv_fields(verdict, predictor.classes)})
+        row = {"file": str(path), **report.csv_fields(verdict, predictor.classes)}
+        if quality_check:
+            row["label_held"] = label_held(predictor, path, verdict)
+        results.write(row)
     return counts
+
+
+def label_held(predictor: Predictor, path: Path, verdict: report.Verdict) -> str:
+    """'yes', or 'no: ' and the copies under which the label changed; empty without a result."""
+    if verdict.status != report.RESULT:
+        return ""
+    tested = held(predictor, path)
+    return "yes" if tested.label_held else "no: " + ", ".join(tested.changed)
 
 
 def analyse(predictor: Predictor, path: Path, cam_dir: Path | None, method: str, cam_target: str | None,
@@ -216,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the class whose evidence the heatmaps show (default: the predicted class)")
     parser.add_argument("--checkpoint", type=checkpoint_path, metavar="FILE_OR_NAME", default=None,
                         help="safetensors checkpoint (default: the shipped model)")
+    parser.add_argument("--quality", action="store_true",
+                        help="add a column label_held: does the label hold when the file is compressed (JPEG "
+                             "quality 30), shrunk (256 px) and blurred? (three more predictions a file)")
     args = parser.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets an escape
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -230,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cam_target not in (PREDICTED, *predictor.classes):
         parser.error(f"--cam-target: choose {PREDICTED} or one of {', '.join(predictor.classes)}")
     columns = ["file", "label", *[f"p_{c}" for c in predictor.classes], "lung_focus", "chance_focus", "notice",
-               "warning", "error"]
+               *(["label_held"] if args.quality else []), "warning", "error"]
     try:
         results = Results(columns, args.csv)
     except OSError as error:
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         counts = predict_files(predictor, entries, results, args.cam_dir, args.method,
-                               None if args.cam_target == PREDICTED else args.cam_target)
+                               None if args.cam_target == PREDICTED else args.cam_target, args.quality)
     except KeyboardInterrupt:
         print("interrupted: the rows above are complete" + (f" and in {args.csv}" if args.csv else ""),
               file=sys.stderr)

@@ -154,10 +154,11 @@ def held(predictor, image, variants: dict[str, str] | None = None) -> Held:
     default APP_VARIANTS): does the label hold? An image that gets no result as it is (refused,
     as a photo is) has no label to hold: its variants are not asked."""
     gray, _ = load_image(image)
+    variants = variants or APP_VARIANTS
     verdicts = {AS_IS: predictor.predict(image).verdict}
-    if verdicts[AS_IS].status == "result":
-        for shown, name in (variants or APP_VARIANTS).items():
-            verdicts[shown] = predictor.predict(variant(gray, name)).verdict
+    if verdicts[AS_IS].status == "result":  # the copies in one batch: one pass of the network
+        copies = predictor.predict_batch([variant(gray, name) for name in variants.values()], batch_size=len(variants))
+        verdicts |= {shown: prediction.verdict for shown, prediction in zip(variants, copies)}
     return Held(verdicts, "covid" if "covid" in predictor.classes else predictor.classes[0])
 
 

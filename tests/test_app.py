@@ -18,7 +18,7 @@ from covidxr import Predictor
 from covidxr.examples import FETCH_COMMAND
 from covidxr.not_xrays import non_xray_images
 from covidxr.report import ERROR_HEADLINE, NO_RESULT
-from covidxr.app import analysis, deletion, eraser, layout, map_test, model_card
+from covidxr.app import analysis, deletion, eraser, file_test, layout, map_test, model_card
 from covidxr.app.analysis import DISPLAY_SIDE, PAGE_OUTPUTS
 from covidxr.app.handlers import Handlers
 from covidxr.app.map_test import LUNG_READER_MAP_TEST
@@ -319,6 +319,9 @@ def test_launched_app_through_gradio_client(served_app, examples_dir, tmp_path):
     text, plot, numbers = client.predict(handle_file(str(example)), "gradcam", "predicted class", "whole-image",
                                          api_name="/deletion_curve")
     assert "when chance does" in text and len(numbers["by_map"]) == len(numbers["removed"]) and Image.open(plot)
+    # The file test through the API: each copy's label, and whether it held.
+    said, numbers = client.predict(handle_file(str(example)), "whole-image", api_name="/quality")
+    assert isinstance(numbers["label_held"], bool) and len(numbers["copies"]) == 4 and "|" in said
     # Every method name is still accepted, including those the page folds into Grad-CAM.
     hires, *_ = client.predict(handle_file(str(example)), "hirescam", "predicted class", 0.4, api_name="/predict")
     assert hires == label
@@ -837,6 +840,9 @@ def test_browser_walk_finds_none_of_the_page_defects(served_app, width, height, 
         result.get_by_text("Paint over something").wait_for(timeout=60_000)
         assert "With the lungs blanked" not in result.inner_text() and not page.locator("#occluded-box").is_visible()
         assert page.locator("#map-test .error").count() == 0  # no Error badge over the words
+        # The file test: one request, the copies' verdicts side by side.
+        assert act(lambda: page.locator("#file-test").click(), lambda: page.locator("#file-test-result").get_by_text(
+            "compressed (JPEG quality 30)").wait_for(timeout=60_000)) == ["file_test"]
         # Another file over the shown one, with no click on the upload's x first: a photo, refused.
         def choose_photo():
             with page.expect_file_chooser() as chooser:
@@ -858,6 +864,45 @@ def test_browser_walk_finds_none_of_the_page_defects(served_app, width, height, 
         if os.environ.get("COVIDXR_SCREENSHOTS"):  # to look at by eye
             shutil.copy(tmp_path / "walk.png", Path(os.environ["COVIDXR_SCREENSHOTS"]) / f"{width}-walk.png")
         browser.close()
+
+
+def test_the_file_test_compresses_shrinks_and_blurs(shelf_app, manifest_frame, tmp_path):
+    """One button, one request: the same X-ray compressed, smaller and blurred, each model's
+    verdict for each side by side, and what it means; `/quality` gives the numbers."""
+    from covidxr import quality
+
+    path = str(real_image(manifest_frame, "covid", "ieee8023", 2))
+    text = file_test.file_test(shelf_app, path, "compare")
+    header = text.splitlines()[0]
+    assert all(copy in header for copy in (quality.AS_IS, *quality.APP_VARIANTS))
+    for name in shelf_app.models.names:
+        predictor = shelf_app.models[name]
+        tested = quality.held(predictor, path)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {shelf_app.title(name)} |"))
+        assert row.count("**") == 2 * len(tested.verdicts)  # a label in every copy's cell
+        assert f"**{predictor.predict(path).label}**" in row.split(" | ")[1]
+        said, numbers = file_test.quality_api(shelf_app, path, name)
+        assert numbers["label_held"] is tested.label_held and numbers["changed_under"] == tested.changed
+        assert set(numbers["copies"]) == set(tested.verdicts)
+        assert ("The answer holds" in said) is tested.label_held
+    # A photo gets no result as it is: there is nothing to hold, said in the test's own area.
+    from skimage import data
+
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.png")
+    assert file_test.file_test(shelf_app, str(tmp_path / "coffee.png")).startswith(map_test.TEST_FAILED)
+    with pytest.raises(gr.Error, match="Unknown model"):
+        file_test.quality_api(shelf_app, path, "compare")
+
+
+def test_a_label_that_changes_with_the_file_is_said_so():
+    from covidxr import quality, report
+
+    shown = {quality.AS_IS: report.verdict("normal", {"covid": 0.2, "normal": 0.8}),
+             "compressed (JPEG quality 30)": report.verdict("covid", {"covid": 0.7, "normal": 0.3}),
+             "blurred (sigma 1.5 px at 512 px)": report.verdict("normal", {"covid": 0.3, "normal": 0.7})}
+    tested = quality.Held(shown, "covid")
+    assert tested.changed == ["compressed (JPEG quality 30)"] and not tested.label_held
+    assert tested.words().startswith("The answer changes when this image is compressed: ")
 
 
 def test_the_deletion_curve_removes_the_maps_hottest_pixels_first(shelf_app, manifest_frame, tmp_path):

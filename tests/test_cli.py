@@ -107,6 +107,24 @@ def test_folder_to_csv_with_errors_reported(folder, tmp_path, capsys):
     assert "2 predicted, 1 failed" in capsys.readouterr().err
 
 
+def test_the_quality_column_says_whether_the_label_held(folder, tmp_path):
+    """`covidxr predict --quality`: a label_held column, from the same test as the app's button."""
+    from covidxr import Predictor
+    from covidxr.quality import held
+
+    out = tmp_path / "held.csv"
+    assert main(["predict", str(folder / "a.jpeg"), str(folder / "b.png"), "--quality", "--csv", str(out)]) == 0
+    table = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("file")
+    predictor = Predictor.load()
+    for name in ("a.jpeg", "b.png"):
+        tested = held(predictor, folder / name)
+        expected = "yes" if tested.label_held else "no: " + ", ".join(tested.changed)
+        assert table.loc[str(folder / name), "label_held"] == expected
+    plain = tmp_path / "plain.csv"
+    main(["predict", str(folder / "b.png"), "--csv", str(plain)])
+    assert "label_held" not in pd.read_csv(plain).columns  # only when asked: three more passes a file
+
+
 def test_recursive_and_heatmaps(folder, tmp_path):
     (folder / "broken.png").unlink()
     cams = tmp_path / "cams"

@@ -179,7 +179,7 @@ def page(app: XrayApp, view: str, shown: list[Shown], explain_class=PREDICTED, o
         columns += [heading + (column_text(app, item, name, explain_class) if item else ""),
                     label_data(item.verdict) if item else None,
                     item.overlay(float(opacity)) if item else None]
-    return (*single, kept, *NO_TEST, None, gr.update(open=False), *NO_TEST, card(app, view), facts(app, view),
+    return (*single, kept, *NO_TEST, None, gr.update(open=False), *NO_TEST, "", card(app, view), facts(app, view),
             gr.update(visible=not compare), gr.update(visible=compare), *columns)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import analysis, deletion, eraser, map_test, model_card
+from . import analysis, deletion, eraser, file_test, map_test, model_card
 from .state import PREDICTED, XrayApp
 
 
@@ -60,6 +60,9 @@ class Handlers:
     async def deletion(self, file, method, explain_class, view):
         return await self.job(deletion.deletion, file, method, explain_class, view)
 
+    async def file_test(self, file, view):
+        return await self.job(file_test.file_test, file, view)
+
     # -- the API (gradio_client and REST name the parameters from these signatures) -------------
     async def predict(self, file, method="gradcam", explain_class=PREDICTED, opacity=0.4, model=None):
         return await self.job(analysis.predict_api, file, method, explain_class, opacity, model)
@@ -69,6 +72,9 @@ class Handlers:
 
     async def deletion_curve(self, file, method="gradcam", explain_class=PREDICTED, model=None):
         return await self.job(deletion.deletion_api, file, method, explain_class, model)
+
+    async def quality(self, file, model=None):
+        return await self.job(file_test.quality_api, file, model)
 
     # -- the page's events that run no model -----------------------------------------------------
     def cleared(self, view):

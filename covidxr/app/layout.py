@@ -121,6 +121,9 @@ def build(app: XrayApp) -> gr.Blocks:
                     with gr.Column(visible=False, elem_id="deletion-box") as deletion_box:
                         deletion_plot = saved_once(gr.Image(show_label=False, type="pil", format="png", buttons=[],
                                                             elem_id="deletion-plot"))
+                    gr.Markdown(words.FILE_TEST_INTRO)
+                    file_test = test_button("Compress, shrink and blur it, predict again", "file-test")
+                    file_test_result = gr.Markdown(elem_id="file-test-result")
         with gr.Accordion("About this model", open=False):
             facts = gr.Markdown(model_card.facts(app, default))
         with gr.Accordion("Model card: every model's measured numbers, the shortcut audits, what did not pay "
@@ -141,8 +144,8 @@ def build(app: XrayApp) -> gr.Blocks:
         # In PAGE_OUTPUTS's order: the single view and the compare view, the one shown filled and
         # the other emptied; each new result clears the tests, which belonged to the last image.
         outputs = [probabilities, original, overlay, summary, kept, occlusion_result, occluded, occluded_box, eraser,
-                   eraser_box, deletion_result, deletion_plot, deletion_box, card, facts, single_view, compare_view,
-                   *compare_outputs]
+                   eraser_box, deletion_result, deletion_plot, deletion_box, file_test_result, card, facts, single_view,
+                   compare_view, *compare_outputs]
         page = [explain_class, *outputs]  # a new image also resets the explained class
         analysis_event = dict(concurrency_id=MODEL_GROUP, validator=on.admit, show_progress="minimal")
         test_event = dict(concurrency_id=MODEL_GROUP, show_progress="minimal")
@@ -181,6 +184,8 @@ def build(app: XrayApp) -> gr.Blocks:
                     **test_event)
         deletion.click(on.deletion, [upload, method, explain_class, view], [deletion_result, deletion_plot, deletion_box],
                        api_name="deletion", api_visibility="private", validator=on.admit_settings, **test_event)
+        file_test.click(on.file_test, [upload, view], file_test_result, api_name="file_test", api_visibility="private",
+                        validator=on.admit_map_test, **test_event)
         card_box.expand(on.model_card_text, None, card_text, **no_model)
 
         # The API: plain values, no page updates.
@@ -188,6 +193,8 @@ def build(app: XrayApp) -> gr.Blocks:
                   api_name="predict", **analysis_event)
         api.click(on.occlusion, [upload, blanked, api_model, painted], [occlusion_result, occluded, numbers],
                   api_name="occlusion", validator=on.admit_map_test, **test_event)
+        api.click(on.quality, [upload, api_model], [file_test_result, numbers], api_name="quality",
+                  validator=on.admit_map_test, **test_event)
         api.click(on.deletion_curve, [upload, api_method, api_class, api_model], [deletion_result, deletion_plot, numbers],
                   api_name="deletion_curve", validator=on.admit_settings, **test_event)
     # One analysis at a time: the explainers' hooks are not thread-safe, and two CPU-bound

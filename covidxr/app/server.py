@@ -35,7 +35,7 @@ from .state import XrayApp
 
 # Uploads above this are refused by the server before they reach the model.
 MAX_FILE_SIZE = "40mb"
-API_NAMES = {"predict", "occlusion", "deletion_curve"}
+API_NAMES = {"predict", "occlusion", "deletion_curve", "quality"}
 M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
 log = logging.getLogger("covidxr.serve")
 

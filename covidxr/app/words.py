@@ -19,6 +19,10 @@ MAP_TEST_INTRO = ("A heatmap shows where the evidence lies; blanking shows wheth
 DELETION_INTRO = ("**Does the map point at what the model uses?** Remove the pixels the map marks hottest, a "
                   "growing share, and watch the probability fall; then remove as many at random. Removed pixels are "
                   "filled in from their neighbours (pytorch-grad-cam's ROAD), so the holes themselves say nothing.")
+FILE_TEST_INTRO = ("**Does the answer survive the file?** The same X-ray compressed (JPEG quality 30), as a smaller "
+                   "copy (256 px) and blurred: the lungs are the same in every copy, so a model reading the disease "
+                   "gives the same label. One that changes its answer reads the file's quality. The model card "
+                   f"({CARD_LINK}, quality audit) has the same test over the whole test split and two new hospitals.")
 NO_EXAMPLES = "No example images here yet. Fetch them with `{command}`, then restart the app."
 INPUT_CAPTION = "**Input**, as the model reads it"
 OVERLAY_CAPTION = "**Heatmap** over the input"
