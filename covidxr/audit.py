@@ -43,6 +43,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -54,6 +55,7 @@ from tqdm.auto import tqdm
 from .checkpoint import checkpoint_path, update_config
 from .data import data_dir, load_grayscale, parse_filters, read_manifest, select
 from .evaluate import add_split_options, rows_to_score, split_file_for
+from .explain import SCORING_SIDE
 from .framing import uses_lungs
 from .model import build_model
 from .occlusion import OCCLUSIONS, occluded_views
@@ -72,7 +74,7 @@ def audit_frame(predictor: Predictor, frame: pd.DataFrame, method: str = "gradca
         raise FileNotFoundError("the audit needs a lung segmentation model (covidxr segment)")
     rows = []
     for row in tqdm(frame.itertuples(), total=len(frame), desc="auditing", unit="img", disable=not progress):
-        explanation = predictor.explain(row.path, method=method)
+        explanation = predictor.explain(row.path, method=method, max_side=SCORING_SIDE)  # scored at one size anyway
         label = explanation.prediction.decided  # the rule's class, refused or not
         rows.append({"filename": row.filename, "label": row.label, "target": row.target, "predicted": label,
                      "correct": ("yes" if label == row.target else "no") if row.target else "no class",
@@ -114,14 +116,15 @@ def hand_drawn_focus(predictor: Predictor, frame: pd.DataFrame, method: str = "g
     with_masks = frame[frame.get("lung_mask_path", pd.Series("", index=frame.index)).fillna("") != ""]
     for row in tqdm(with_masks.itertuples(), total=len(with_masks), desc="lung focus (hand-drawn masks)",
                     unit="img", disable=not progress):
-        heatmap = predictor.explain(row.path, method=method, target=target).heatmap.astype(np.float64)
+        explanation = predictor.explain(row.path, method=method, target=target, max_side=SCORING_SIDE)
         mask = np.asarray(Image.open(row.lung_mask_path).convert("L")) > 127
-        if mask.shape != heatmap.shape:
-            raise ValueError(f"{row.filename}: lung mask {mask.shape} and image {heatmap.shape} differ in size")
-        total = heatmap.sum()
+        image_shape = explanation.full_image.shape
+        if mask.shape != image_shape:
+            raise ValueError(f"{row.filename}: lung mask {mask.shape} and image {image_shape} differ in size")
+        # Scored as the app scores lung focus (explain.SCORING_SIDE), against the hand-drawn mask.
+        scored = cv2.resize(mask.astype(np.uint8), explanation.scoring_shape[::-1], interpolation=cv2.INTER_NEAREST)
         rows.append({"filename": row.filename, "source_dataset": row.source_dataset,
-                     "lung_focus": float(heatmap[mask].sum() / total) if total > 0 else 0.0,
-                     "chance": float(mask.mean())})
+                     "lung_focus": explanation.focus_on(mask), "chance": float(scored.mean())})
     return pd.DataFrame(rows, columns=["filename", "source_dataset", "lung_focus", "chance"])
 
 

@@ -35,13 +35,11 @@ from tqdm.auto import tqdm
 from . import report
 from .checkpoint import checkpoint_path
 from .data import IMAGE_SUFFIXES, ImageLoadError, not_a_file
-from .explain import METHODS, identical_methods
+from .explain import METHODS, SCORING_SIDE, identical_methods
 from .legend import captioned
 from .predictor import Predictor
 from .quality import held
 
-# Lung focus is scored on the map shrunk to this many pixels a side, as the app does.
-FOCUS_SIDE = 1024
 PREDICTED = "predicted"
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -193,7 +191,8 @@ def analyse(predictor: Predictor, path: Path, cam_dir: Path | None, method: str,
     decided class). With `cam_dir`, also the heatmap PNG of `method` for `cam_target` (default:
     the decided class), with a caption strip saying what it shows."""
     rule = report.notice_rule(predictor.config)
-    scored = predictor.explain(path, method=rule["method"], max_side=CAM_MAX_SIDE if cam_dir else FOCUS_SIDE)
+    # (Lung focus and the notice are scored at explain.SCORING_SIDE whatever the size drawn.)
+    scored = predictor.explain(path, method=rule["method"], max_side=CAM_MAX_SIDE if cam_dir else SCORING_SIDE)
     verdict = scored.verdict
     if cam_dir:
         same = identical_methods(predictor.config)

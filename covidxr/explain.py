@@ -48,6 +48,10 @@ METHODS = {
     "eigencam": EigenCAM,
     "scorecam": ScoreCAM,
 }
+# Lung focus, its chance level and the notice are scored with the map and the lungs drawn at this
+# many pixels on the image's longer side, whatever size the image is shown at: one answer for one
+# X-ray in the app (768 px), the CLI (its heatmaps up to 2,048), the API and the audit (issue 34).
+SCORING_SIDE = 512
 # pytorch-grad-cam's Score-CAM draws a progress bar for every map it makes (score_cam.py calls
 # tqdm.tqdm, with no way to turn it off): in the app a bar per request filled the server's log, in
 # `covidxr predict` one per file among its own. Its batches run without one here.
@@ -92,6 +96,7 @@ class Explanation:
     # map on its network (identical_methods): what the verdict needs to say.
     notice_rule: dict | None = field(default=None, repr=False, compare=False)
     same_methods: dict | None = field(default=None, repr=False, compare=False)
+    network_map: np.ndarray | None = field(default=None, repr=False, compare=False)  # at the network's input size
 
     @cached_property
     def lung_mask(self) -> np.ndarray | None:
@@ -107,17 +112,49 @@ class Explanation:
         return self.segmenter.segment(self.image if self.full_image is None else self.full_image, self.image.shape)
 
     @cached_property
+    def scoring_shape(self) -> tuple[int, int]:
+        """Where the evidence is scored: the image at SCORING_SIDE pixels on its longer side,
+        whatever size it is shown at (the app, the CLI, the API and the audit alike)."""
+        height, width = self.full_image.shape if self.full_image is not None else self.image.shape
+        scale = SCORING_SIDE / max(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    @cached_property
+    def scored_map(self) -> np.ndarray:
+        """The map at the scoring size: the network's own map put back on the image there."""
+        if self.network_map is None or self.framing is None:  # built by hand: the map as given
+            return cv2.resize(self.heatmap.astype(np.float32), self.scoring_shape[::-1], interpolation=cv2.INTER_LINEAR)
+        return to_image_frame(self.network_map, self.framing, self.scoring_shape)
+
+    @cached_property
+    def scored_lungs(self) -> np.ndarray | None:
+        """The lung mask at the scoring size (None without a lung model)."""
+        if self.framing is not None and self.framing.lung_mask is not None:
+            return cv2.resize(self.framing.lung_mask.astype(np.uint8), self.scoring_shape[::-1],
+                              interpolation=cv2.INTER_NEAREST) > 0
+        if self.segmenter is None:
+            return None
+        return self.segmenter.segment(self.image if self.full_image is None else self.full_image, self.scoring_shape)
+
+    def focus_on(self, mask: np.ndarray) -> float:
+        """The share of this map's mass on `mask` (any size: drawn at the scoring size), as lung
+        focus is scored: against a hand-drawn lung mask, say (audit.py)."""
+        from .segment import evidence_shares
+
+        mask = cv2.resize(np.asarray(mask, np.uint8), self.scoring_shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+        return evidence_shares(self.scored_map, mask)["lung_focus"]
+
+    @cached_property
     def _shares(self) -> dict[str, float]:
         from .segment import evidence_shares
 
-        if self.lung_mask is None:
+        lungs = self.scored_lungs
+        if lungs is None:
             return {}
         # What the network read: the whole image, or the lungs' box it was cropped to.
         cropped = self.framing is not None and self.framing.box != (0, 0, *self.framing.shape)
-        read = to_image_frame(np.ones((2, 2), np.float32), self.framing, self.lung_mask.shape) > 0 if cropped \
-            else slice(None)
-        return evidence_shares(self.heatmap, self.lung_mask) | {
-            "chance_focus": float(self.lung_mask[read].mean()), "cropped": cropped}
+        read = to_image_frame(np.ones((2, 2), np.float32), self.framing, lungs.shape) > 0 if cropped else slice(None)
+        return evidence_shares(self.scored_map, lungs) | {"chance_focus": float(lungs[read].mean()), "cropped": cropped}
 
     # Where the evidence lies (None without a lung model): shares of the heatmap's mass on the
     # lungs, on the image border and on the top strip (segment.evidence_shares).
@@ -222,6 +259,7 @@ class Explainer:
             framing=framed,
             notice_rule=notice_rule(self.predictor.config),
             same_methods=identical_methods(self.predictor.config),
+            network_map=small,
         )
 
     def network_map(self, gray: np.ndarray, method: str = "gradcam", target: str | None = None):

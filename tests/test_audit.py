@@ -185,3 +185,42 @@ def test_the_occlusion_test_of_one_image_blanks_each_side(predictor, manifest_fr
                                                            - test.probabilities[AS_IS]["covid"])
     # Blanking either side changes what the network sees, so its answer moves.
     assert test.probabilities[OUTSIDE_LEFT] != test.probabilities[AS_IS] != test.probabilities[LUNGS_LEFT]
+
+
+def test_one_scoring_size_gives_one_answer_on_every_path(manifest_frame, tmp_path):
+    """The same X-ray at several file sizes, through the app (shown at 768 px), the CLI (heatmaps
+    written up to 2,048 px, or none), the API (Predictor.explain at full size) and the audit:
+    one lung focus and one notice for each file, and nearly one across its sizes."""
+    import pandas as pd
+
+    from PIL import Image
+
+    from covidxr import Predictor
+    from covidxr.app import analysis
+    from covidxr.app.state import XrayApp
+    from covidxr.audit import audit_frame
+    from covidxr.cli import main as covidxr
+
+    predictor = Predictor.load()
+    xray = Image.open(real_image(manifest_frame, "covid", "ieee8023", 3)).convert("L")
+    app = XrayApp(predictor, tmp_path)
+    by_size = {}
+    for side in (600, 1400, 2400):
+        path = tmp_path / f"xray-{side}.png"
+        xray.resize((side, round(side * xray.height / xray.width))).save(path)
+        api = predictor.explain(path)
+        shown = analysis.analysed(app, str(path), "model")
+        frame = pd.DataFrame([{"path": str(path), "filename": path.name, "label": "covid", "target": "covid",
+                               "source_dataset": "x", "age_group": "adult"}])
+        audited = audit_frame(predictor, frame, progress=False).iloc[0]
+        assert covidxr(["predict", str(path), "--csv", str(tmp_path / "plain.csv")]) == 0
+        assert covidxr(["predict", str(path), "--csv", str(tmp_path / "drawn.csv"), "--cam-dir", str(tmp_path / "cams")]) == 0
+        cli = [pd.read_csv(tmp_path / name).iloc[0] for name in ("plain.csv", "drawn.csv")]
+        focus = {"api": api.lung_focus, "app": shown.verdict.lung_focus, "audit": audited["lung_focus"],
+                 "cli": cli[0]["lung_focus"], "cli with heatmaps": cli[1]["lung_focus"]}
+        assert max(focus.values()) - min(focus.values()) < 1e-3, (side, focus)  # the CSV has 3 decimals
+        notices = [bool(api.verdict.notice), bool(shown.verdict.notice),
+                   *[isinstance(row["notice"], str) and bool(row["notice"]) for row in cli]]
+        assert len(set(notices)) == 1, (side, notices)
+        by_size[side] = api.lung_focus
+    assert max(by_size.values()) - min(by_size.values()) < 0.02, by_size

@@ -138,10 +138,12 @@ def test_lung_mask_and_overlay_are_computed_when_first_read(predictor, covid_xra
     segment = LungSegmenter.segment
     monkeypatch.setattr(LungSegmenter, "segment", lambda self, image, shape=None: calls.append(1) or segment(self, image, shape))
     explanation = predictor.explain(covid_xray)
-    assert explanation.heatmap.std() > 0.02 and calls == []  # the map alone: no U-Net
-    assert 0 <= explanation.lung_focus <= 1 and len(calls) == 1
+    assert explanation.heatmap.std() > 0.02 and calls == []  # the map alone: no lung mask drawn
+    assert 0 <= explanation.lung_focus <= 1 and len(calls) == 1  # drawn at the scoring size
     assert explanation.overlay.mode == "RGB" and explanation.border_share is not None
-    assert len(calls) == 1  # computed once, then kept
+    assert len(calls) == 2  # and at the display size, for the outline
+    explanation.lung_focus, explanation.overlay
+    assert len(calls) == 2  # each computed once, then kept
 
 
 @pytest.fixture(scope="module")

@@ -68,9 +68,13 @@ def test_the_map_explains_the_decided_class_inside_the_lungs_box(lung_reader, xr
     outside = np.ones((height, width), bool)
     outside[top:bottom, left:right] = False
     assert explanation.heatmap[outside].max() == 0  # the map covers what the network read
-    # Chance is the lungs' share of the box the network read, not of the whole image.
-    assert explanation.chance_focus == pytest.approx(explanation.lung_mask[top:bottom, left:right].mean())
-    assert explanation.chance_focus > explanation.lung_mask.mean()
+    # Chance is the lungs' share of the box the network read, not of the whole image (at the
+    # scoring size).
+    from covidxr.framing import to_image_frame
+
+    read = to_image_frame(np.ones((2, 2), np.float32), explanation.framing, explanation.scoring_shape) > 0
+    assert explanation.chance_focus == pytest.approx(explanation.scored_lungs[read].mean())
+    assert explanation.chance_focus > explanation.scored_lungs.mean()
 
 
 def test_the_cli_writes_the_decided_class(lung_reader, xray, tmp_path):

@@ -101,7 +101,9 @@ def test_predictor_segments_and_explanations_carry_lung_focus(manifest_frame, pr
     explanation = predictor.explain(path)
     assert 0.0 <= explanation.lung_focus <= 1.0
     assert 0.0 <= explanation.border_share <= 1.0 and 0.0 <= explanation.top_share <= 1.0
-    expected = evidence_shares(explanation.heatmap, explanation.lung_mask)["lung_focus"]
+    # Scored at one size (explain.SCORING_SIDE), with the map and the lungs drawn there.
+    assert max(explanation.scoring_shape) == 512 and explanation.scored_map.shape == explanation.scoring_shape
+    expected = evidence_shares(explanation.scored_map, explanation.scored_lungs)["lung_focus"]
     assert explanation.lung_focus == pytest.approx(expected)
 
 
