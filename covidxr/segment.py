@@ -267,6 +267,21 @@ def _augment() -> v2.Compose:
                        v2.ColorJitter(brightness=0.3, contrast=0.3)])
 
 
+def nothing(size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, empty mask): a blank field or smooth noise, as `prepare` gives them. Every mask of
+    the training data has lungs in it, so without these the network was free to find "lungs" in
+    nothing at all: one retrain drew a fifth of a blank image as lung, which a lung-reading model
+    would then have cropped to."""
+    if rng.random() < 0.5:
+        image = np.zeros((size, size), np.float32)  # a flat image: `prepare` stretches it to black
+    else:
+        grain = rng.normal(size=(size // 8, size // 8)).astype(np.float32)
+        image = cv2.resize(grain, (size, size), interpolation=cv2.INTER_CUBIC)
+        image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
+    pixels = torch.from_numpy((image * 255).round().astype(np.uint8))[None]
+    return pixels, torch.zeros((1, size, size), dtype=torch.bool)
+
+
 def train_segmenter(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -300,6 +315,8 @@ def train_segmenter(args: argparse.Namespace) -> Path:
         losses = []
         for start in range(0, len(order), args.batch_size):
             pairs = [augment(images[i], tv_tensors.Mask(masks[i])) for i in order[start:start + args.batch_size]]
+            if args.negatives:  # a picture of nothing, with no lungs to find in it
+                pairs.append(nothing(args.input_size, order_rng))
             batch = normalise(torch.stack([p[0] for p in pairs]), NORMALISATION["mean"], NORMALISATION["std"])
             truth = torch.stack([p[1] for p in pairs]).float()
             logits = model(batch)
@@ -333,6 +350,7 @@ def train_segmenter(args: argparse.Namespace) -> Path:
                        "train_data_sha256": data_hash(frame.iloc[index["train"]]),
                        "images": {name: int(len(ix)) for name, ix in index.items()}},
               "training": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                           "negatives": args.negatives,
                            "kept_epoch": best_epoch, "steps_per_epoch": batches},
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     checkpoint = save_checkpoint(out / "lungs.safetensors", model, config)
@@ -425,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hold-out", action="append", default=None, metavar="SPLIT_CSV",
                         help="a classifier's split file: its test patients are this model's test patients, never "
                              "trained or validated on (repeatable; default: every bundled classifier's)")
+    parser.add_argument("--negatives", type=int, default=1, choices=(0, 1),
+                        help="add a picture of nothing (blank or smooth noise, empty mask) to each batch (default 1)")
     parser.add_argument("--limit", type=int, help="use only the first N patients' images (quick runs)")
     parser.add_argument("--sheet", action="store_true", help="only draw masks on images without masks (no training)")
     parser.add_argument("--checkpoint", default=None, help="lung checkpoint for --sheet (default: the shipped one)")

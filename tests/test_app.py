@@ -162,7 +162,7 @@ def test_lungs_outside_notice_fires_at_chance(xray_app, manifest_frame, tmp_path
     path = real_image(manifest_frame, "normal", "nih14")
     explanation = xray_app.predictor.explain(path)
     assert 0 < explanation.chance_focus < 1
-    assert explanation.chance_focus == pytest.approx(explanation.lung_mask.mean())  # a whole-image model
+    assert explanation.chance_focus == pytest.approx(explanation.scored_lungs.mean())  # a whole-image model
     measured = {"rule": "chance", "method": "gradcam", "images": 150, "fires_on_correct": 0.1, "fires_on_all": 0.12,
                 "all_images": 180, "split": "val"}
     app = XrayApp(Predictor(xray_app.predictor.model, dict(config, lung_focus_notice=measured)), tmp_path)

@@ -41,7 +41,7 @@ DISPLAY_SIDE = 768
 # What the page's analysis handlers return, in order (layout's `outputs`), then three per
 # compare column (its text, probabilities and map) when there are several models.
 PAGE_OUTPUTS = ("probabilities", "original", "overlay", "summary", "kept", "occlusion_result", "occluded",
-                "occluded_box", "eraser", "eraser_box", "deletion_result", "deletion_plot", "deletion_box",
+                "occluded_box", "eraser", "eraser_box", "deletion_result", "deletion_plot", "deletion_box", "file_test_result",
                 "card", "facts", "single_view", "compare_view")
 NO_TEST = ("", None, gr.update(visible=False))  # a test's words, image and its box: cleared by each new result
 
