@@ -1,7 +1,9 @@
 """Calibration stage: an operating point chosen on out-of-fold data, not defaulted.
 
-Patient-grouped k-fold cross-validation on the training pool (train.py --folds K --fold I, one
-run per fold) gives every pool image a probability from a model that never saw its patient.
+Patient-grouped k-fold cross-validation on the training pool (train.py --folds K --fold I
+--keep last, one run per fold) gives every pool image a probability from a model that never saw
+its patient, nor chose its epoch by it: a fold run that kept its best epoch is refused, since it
+chose that epoch on the very images it scores out of fold.
 On those out-of-fold probabilities this module
 
 1. fits a temperature T (Guo et al. 2017): logits / T before the softmax, chosen to minimise the
@@ -42,6 +44,15 @@ def read_out_of_fold(folds_dir: str | Path) -> tuple[pd.DataFrame, np.ndarray, l
     files = sorted(Path(folds_dir).glob("*/oof.csv"))
     if not files:
         raise FileNotFoundError(f"{folds_dir}: no */oof.csv (train.py --folds K --fold I writes one per fold)")
+    for file in files:
+        # A fold run that kept its best epoch chose it on the very images it then scores out of
+        # fold: those probabilities are optimistic, and so would the threshold and temperature be.
+        args = file.parent / "args.json"
+        keep = json.loads(args.read_text()).get("keep") if args.is_file() else None
+        if keep != "last":
+            raise ValueError(f"{file.parent}: this fold run kept {'its ' + keep + ' epoch' if keep else 'an epoch'} "
+                             "chosen on its own held-out fold, so its out-of-fold probabilities are optimistic; "
+                             "train the folds with --keep last (a fixed number of epochs)")
     table = pd.concat([pd.read_csv(f, dtype={"target": str}, keep_default_na=False) for f in files],
                       ignore_index=True)
     if table["filename"].duplicated().any():

@@ -21,6 +21,15 @@ so nothing half-written is ever left under its real name. The lung masks come fr
 inside the torchxrayvision wheel (installed, or given with `--masks`).
 
 This module imports neither torch nor the rest of covidxr: it only needs Pillow, numpy and tqdm.
+
+Why not pooch (issue 34 asked; pooch 1.9.0's source read): the part pooch would replace is the
+fetching (`fetch`, `fetch_verified`, `_get`: about 60 of these lines); the rest reduces each
+original exactly as the shared folder was reduced, extracts the masks and writes the manifest,
+which pooch does not do. For the fetching itself pooch would be worse here: `pooch.retrieve`
+never retries (only `Pooch.fetch` does, through `retry_if_failed`), and when it does it retries
+every failure, a 404 and a sha256 mismatch included, after a fixed 1-10 s; it reads a body of any
+size (no cap before reading, as `_get` has); it writes each original to disk before it could be
+reduced; and it would add `requests`. Resuming is per file here too (a complete file is skipped).
 """
 
 from __future__ import annotations

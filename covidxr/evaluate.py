@@ -209,11 +209,24 @@ def _comparison_2020(report: dict, frame: pd.DataFrame, predicted: np.ndarray, g
     }
 
 
-def summarise(report: dict) -> dict:
-    """The headline test numbers a checkpoint carries about itself (its `metrics`)."""
+def unseen_set(split_name: str, test_rows: int, images: int) -> dict:
+    """What a checkpoint's stored metrics were measured on, in words and numbers: every image of
+    its classes whose patient it was neither trained nor tuned on. That is the split file's test
+    rows and, for a model trained on a selection (the 2020 recipe), every image the selection
+    left out too (adult normals, other sources)."""
+    return {"split_file": split_name, "test_rows": test_rows, "images": images,
+            "rule": "every image of the model's classes whose patient it was neither trained nor tuned on: the "
+                    "split file's test rows, and the images its training selection left out"}
+
+
+def summarise(report: dict, measured_on: dict | None = None) -> dict:
+    """The headline test numbers a checkpoint carries about itself (its `metrics`), and the set
+    they describe (`unseen_set`)."""
     overall = report["overall"]
     summary = {"split": "test", "n": overall["n"], "accuracy": overall["accuracy"]["value"],
                "train_accuracy": report.get("train_accuracy")}
+    if measured_on:
+        summary["measured_on"] = measured_on
     for name, m in overall["per_class"].items():
         summary[name] = {"sensitivity": m["sensitivity"]["value"], "specificity": m["specificity"]["value"],
                          "auroc": m["auroc"]["value"]}
@@ -453,13 +466,15 @@ def main(argv: list[str] | None = None) -> dict:
     label_map = predictor.config.get("label_map") or {c: c for c in predictor.classes}
     manifest = args.manifest or data_dir(args.data) / "manifest.csv"
     frame = select(read_manifest(manifest), parse_filters(args.filter), label_map)
-    frame, _ = rows_to_score(frame, args.checkpoint or SHIPPED_CHECKPOINT, args.split_csv, args.all_patients)
+    frame, split = rows_to_score(frame, args.checkpoint or SHIPPED_CHECKPOINT, args.split_csv, args.all_patients)
     if args.limit:
         frame = frame.head(args.limit)
     report, probabilities = evaluate_checkpoint(predictor, frame)
     out_dir = write_report(report, frame, probabilities, args.out)
     if args.store_metrics:
-        update_config(args.checkpoint, {"metrics": summarise(report)}, why="covidxr evaluate --store-metrics")
+        split_rows = pd.read_csv(split, dtype=str, keep_default_na=False)
+        measured_on = unseen_set(Path(split).name, int((split_rows["split"] == "test").sum()), len(frame))
+        update_config(args.checkpoint, {"metrics": summarise(report, measured_on)}, why="covidxr evaluate --store-metrics")
         print(f"metrics stored in {args.checkpoint}")
     if not args.no_gallery:
         write_gallery(predictor, frame, report, out_dir)

@@ -45,7 +45,7 @@ from .calibration import choose_threshold  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .data import (MatchedQuality, XrayTensors, assign_fold, check_split, data_dir, data_hash, normalise,  # noqa: E402
                    parse_filters, parse_label_map, read_manifest, select, split_by_patient, training_augmentation)
-from .evaluate import evaluate_predictions, summarise, write_gallery, write_report  # noqa: E402
+from .evaluate import evaluate_predictions, summarise, unseen_set, write_gallery, write_report  # noqa: E402
 from .hospitals import hospitals_dir, judge_all, read_hospital  # noqa: E402
 from .model import (ARCHITECTURES, CAM_HEADS, build_model, class_activation_maps, count_parameters,  # noqa: E402
                     gradcam_layer_name)
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last finished epoch (last.pt)")
     parser.add_argument("--no-gallery", action="store_true", help="skip the false-negative heatmap gallery")
+    parser.add_argument("--no-hospitals", action="store_true",
+                        help="skip judging the hospitals left out at the end (covidxr hospitals does it later)")
     parser.add_argument("--operating-point", choices=["argmax", "youden"], default="argmax",
                         help="argmax: the most probable class; youden: a COVID threshold set on validation data")
     parser.add_argument("--val-fraction", type=float, default=0.15)
@@ -808,15 +810,39 @@ def train_one_epoch(setup: Setup, norm: dict, device: torch.device, args: argpar
 
 def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: list[dict], kept_state: dict,
            kept_epoch: int, out_dir: Path) -> Path:
+    """After training: the kept weights described (`describe`), tested on the patients never
+    trained on (`test`), judged at the hospitals left out (`judge_hospitals`), given the feature
+    warning (`fit_feature_warning`), and saved. Each step is its own function below."""
     history = pd.DataFrame(history)
     history.to_csv(out_dir / "history.csv", index=False)
     plot_history(history, out_dir / "curves.png")
-    model, frame, index = setup.evaluated, data.frame, data.index
-    device = next(model.parameters()).device
+    model = setup.evaluated
     model.load_state_dict(kept_state)
+    device = next(model.parameters()).device
+    val_probabilities = predict_probabilities(model, data.images[data.index["val"]], data.norm, device)
+    config = describe(args, data, model, val_probabilities, kept_epoch, len(history), device)
+    predictor = Predictor(model, config, device)
+    if args.folds:  # the held-out fold's probabilities: one piece of the out-of-fold set (calibration.py)
+        write_out_of_fold(data.frame.iloc[data.index["val"]].assign(fold=args.fold), val_probabilities, args.classes,
+                          out_dir / "oof.csv")
+    config["metrics"] = test(predictor, data, args, out_dir)
+    if not args.no_hospitals:
+        config["metrics"]["hospitals_left_out"] = judge_hospitals(predictor, args, out_dir)
+    predictor.ood = fit_feature_warning(predictor, data)
+    config["ood"] = predictor.ood.describe()
+    save_checkpoint(out_dir / "model.safetensors", model, config, extra_tensors=predictor.ood.tensors())
+    log.info("test: %s", json.dumps(config["metrics"]))
+    return out_dir
+
+
+def describe(args: argparse.Namespace, data: TrainingData, model: nn.Module, val_probabilities: np.ndarray,
+             kept_epoch: int, epochs_run: int, device: torch.device) -> dict:
+    """The checkpoint's description of itself (checkpoint.py): what it reads, how it decides (the
+    operating point chosen on validation), what it was trained on and how."""
+    frame, index = data.frame, data.index
     val_targets = data.targets[index["val"]].numpy()
-    val_probabilities = predict_probabilities(model, data.images[index["val"]], data.norm, device)
-    config = {
+    decision = choose_operating_point(val_targets, val_probabilities, args.classes, args.operating_point)
+    return {
         "arch": args.arch,
         "classes": list(args.classes),
         "label_map": data.label_map,
@@ -824,7 +850,7 @@ def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: 
         "normalisation": data.norm,
         "framing": data.recipe,
         "gradcam_layer": gradcam_layer_name(args.arch),
-        "decision": choose_operating_point(val_targets, val_probabilities, args.classes, args.operating_point),
+        "decision": decision,
         "parameters": count_parameters(model),
         "data": {
             "manifest": manifest_path(args).name,
@@ -840,15 +866,18 @@ def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: 
         "training": {key: value for key, value in vars(args).items()
                      if key not in ("manifest", "data", "out", "cache_dir", "resume", "lungs", "init_from",
                                     "external_dir", "split_from", "teacher")}
-        | {"kept_epoch": kept_epoch, "epochs_run": int(len(history)), "device": device.type}
+        | {"kept_epoch": kept_epoch, "epochs_run": epochs_run, "device": device.type}
         | ({"teachers": [distill.describe(path) for path in args.teacher]} if args.teacher else {}),
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    predictor = Predictor(model, config, device)
-    if args.folds:  # the held-out fold's probabilities: one piece of the out-of-fold set (calibration.py)
-        write_out_of_fold(frame.iloc[index["val"]].assign(fold=args.fold), val_probabilities, args.classes,
-                          out_dir / "oof.csv")
+
+
+def test(predictor: Predictor, data: TrainingData, args: argparse.Namespace, out_dir: Path) -> dict:
+    """The headline numbers (evaluate.summarise) on the images whose patients were never trained
+    or tuned on (the split's test and eval-only rows), with the report and, unless --no-gallery,
+    the false-negative gallery in the run folder."""
+    frame, index = data.frame, data.index
     unseen_mask = frame["split"].isin(["test", "eval_only"]).to_numpy()
     unseen = frame[unseen_mask].reset_index(drop=True)
     probabilities = predictor.probabilities(data.images[np.flatnonzero(unseen_mask)])
@@ -859,17 +888,20 @@ def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: 
     write_report(report, unseen, probabilities, out_dir)
     if not args.no_gallery:
         write_gallery(predictor, unseen, report, out_dir)
-    config["metrics"] = summarise(report)
-    # Leave one hospital out: every hospital set not trained on, judged under the same rule.
-    config["metrics"]["hospitals_left_out"] = judge_all(predictor, hospitals_dir(args.external_dir, args.data),
-                                                        args.external, args.cache_dir)
-    (out_dir / "hospitals.json").write_text(json.dumps(config["metrics"]["hospitals_left_out"], indent=2))
-    # The not-a-chest-X-ray check: fitted on the training images, threshold from validation.
-    predictor.ood = fit_for(predictor, data.images, data.targets.numpy(), frame["split"].to_numpy())
-    config["ood"] = predictor.ood.describe()
-    save_checkpoint(out_dir / "model.safetensors", model, config, extra_tensors=predictor.ood.tensors())
-    log.info("test: %s", json.dumps(config["metrics"]))
-    return out_dir
+    return summarise(report, unseen_set("split.csv", int((frame["split"] == "test").sum()), len(unseen)))
+
+
+def judge_hospitals(predictor: Predictor, args: argparse.Namespace, out_dir: Path) -> dict:
+    """Leave one hospital out: every hospital set not trained on, judged under the same rule
+    (hospitals.json in the run folder)."""
+    judged = judge_all(predictor, hospitals_dir(args.external_dir, args.data), args.external, args.cache_dir)
+    (out_dir / "hospitals.json").write_text(json.dumps(judged, indent=2))
+    return judged
+
+
+def fit_feature_warning(predictor: Predictor, data: TrainingData):
+    """The feature-distance warning (ood.py): fitted on the training images, threshold from validation."""
+    return fit_for(predictor, data.images, data.targets.numpy(), data.frame["split"].to_numpy())
 
 
 def write_out_of_fold(rows: pd.DataFrame, probabilities: np.ndarray, classes: list[str], path: Path) -> None:

@@ -52,7 +52,7 @@ def test_a_run_with_the_adversary_logs_it_and_saves_the_classifier_alone(tmp_pat
     from covidxr.training import main
 
     out = main(["--manifest", str(MANIFEST), "--limit", "6", "--epochs", "2", "--input-size", "64",
-                "--batch-size", "4", "--adversary", "1.0", "--cam-penalty", "0.5", "--no-gallery",
+                "--batch-size", "4", "--adversary", "1.0", "--cam-penalty", "0.5", "--no-gallery", "--no-hospitals",
                 "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
     history = pd.read_csv(out / "history.csv")
     assert history["train_source_accuracy"].between(0, 1).all()
@@ -63,6 +63,7 @@ def test_a_run_with_the_adversary_logs_it_and_saves_the_classifier_alone(tmp_pat
     assert not any(key.startswith("net.") for key in state)  # the adversary's head is not shipped
     # --resume restores the adversary with the rest: a finished run resumed runs no epoch and still loads
     resumed = main(["--manifest", str(MANIFEST), "--limit", "6", "--epochs", "2", "--input-size", "64",
-                    "--batch-size", "4", "--adversary", "1.0", "--cam-penalty", "0.5", "--no-gallery", "--resume",
+                    "--batch-size", "4", "--adversary", "1.0", "--cam-penalty", "0.5", "--no-gallery", "--no-hospitals",
+                    "--resume",
                     "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
     assert len(pd.read_csv(resumed / "history.csv")) == 2

@@ -905,6 +905,7 @@ def test_a_label_that_changes_with_the_file_is_said_so():
     assert tested.words().startswith("The answer changes when this image is compressed: ")
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast layer
 def test_the_deletion_curve_removes_the_maps_hottest_pixels_first(shelf_app, manifest_frame, tmp_path):
     """Predictor.deletion_curve (pytorch-grad-cam's ROAD), the page's button and /deletion_curve:
     the explained class's probability as the map's hottest pixels go, against random pixels."""

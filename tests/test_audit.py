@@ -187,6 +187,7 @@ def test_the_occlusion_test_of_one_image_blanks_each_side(predictor, manifest_fr
     assert test.probabilities[OUTSIDE_LEFT] != test.probabilities[AS_IS] != test.probabilities[LUNGS_LEFT]
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast layer
 def test_one_scoring_size_gives_one_answer_on_every_path(manifest_frame, tmp_path):
     """The same X-ray at several file sizes, through the app (shown at 768 px), the CLI (heatmaps
     written up to 2,048 px, or none), the API (Predictor.explain at full size) and the audit:

@@ -107,6 +107,7 @@ def test_folder_to_csv_with_errors_reported(folder, tmp_path, capsys):
     assert "2 predicted, 1 failed" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast layer
 def test_the_quality_column_says_whether_the_label_held(folder, tmp_path):
     """`covidxr predict --quality`: a label_held column, from the same test as the app's button."""
     from covidxr import Predictor

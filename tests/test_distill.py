@@ -52,7 +52,7 @@ def test_a_student_learns_from_a_teacher_and_records_it_without_its_path(tmp_pat
     from covidxr.training import main
 
     common = ["--manifest", str(MANIFEST), "--limit", "6", "--input-size", "64", "--batch-size", "4",
-              "--no-gallery", "--cache-dir", str(tmp_path / "cache")]
+              "--no-gallery", "--no-hospitals", "--cache-dir", str(tmp_path / "cache")]
     teacher = main(common + ["--epochs", "1", "--out", str(tmp_path / "teacher")]) / "model.safetensors"
     student = main(common + ["--epochs", "2", "--teacher", str(teacher), "--teacher", str(teacher),
                              "--distill", "0.7", "--out", str(tmp_path / "student")])

@@ -200,7 +200,7 @@ def test_update_config_refuses_to_drop_required_keys(tmp_path, tiny_run):
 
 def _tiny_args(out, cache, *extra):
     return ["--manifest", str(MANIFEST), "--limit", "6", "--input-size", "64", "--batch-size", "8",
-            "--out", str(out), "--cache-dir", str(cache), "--no-gallery", *extra]
+            "--out", str(out), "--cache-dir", str(cache), "--no-gallery", "--no-hospitals", *extra]
 
 
 @pytest.mark.slow  # trains, or reads the whole manifest
@@ -258,3 +258,23 @@ def test_resume_continues_after_the_last_finished_epoch(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other options"):
         training.main(_tiny_args(tmp_path / "run", tmp_path / "cache", "--epochs", "4", "--keep", "last",
                                  "--resume"))
+
+
+def test_calibration_refuses_folds_that_chose_their_epoch_on_their_own_held_out_fold(tmp_path):
+    """Honest folds: a fold run that kept its best epoch chose it on the images it then scores out
+    of fold; its probabilities would make the threshold and temperature optimistic."""
+    import json
+
+    from covidxr.calibration import read_out_of_fold
+
+    for fold, keep in enumerate(("last", "best")):
+        folder = tmp_path / f"fold{fold}"
+        folder.mkdir()
+        pd.DataFrame({"filename": [f"{fold}-a.png", f"{fold}-b.png"], "target": ["covid", "normal"],
+                      "p_covid": [0.8, 0.3], "p_normal": [0.2, 0.7]}).to_csv(folder / "oof.csv", index=False)
+        (folder / "args.json").write_text(json.dumps({"keep": keep, "folds": 2, "fold": fold}))
+    with pytest.raises(ValueError, match="--keep last"):
+        read_out_of_fold(tmp_path)
+    (tmp_path / "fold1" / "args.json").write_text(json.dumps({"keep": "last", "folds": 2, "fold": 1}))
+    table, probabilities, classes = read_out_of_fold(tmp_path)
+    assert len(table) == 4 and classes == ["covid", "normal"] and probabilities.shape == (4, 2)

@@ -27,6 +27,16 @@ def test_run_folder_is_complete(tiny_run):
     assert 0.3 < history["train_loss"].iloc[0] < 3.0
 
 
+def test_the_run_judges_the_hospitals_it_left_out(tiny_run):
+    """Every hospital not trained on, judged at the end under the checkpoint's rule (the other
+    training tests skip it: --no-hospitals)."""
+    judged = json.loads((tiny_run / "hospitals.json").read_text())
+    assert set(judged) == {"shenzhen", "montgomery"} and all(0 <= h["called_covid"] <= 1 for h in judged.values())
+    config = read_config(tiny_run / "model.safetensors")
+    assert config["metrics"]["hospitals_left_out"] == judged
+    assert config["metrics"]["measured_on"]["images"] == config["metrics"]["n"]
+
+
 def test_split_file_is_patient_disjoint(tiny_run):
     split = pd.read_csv(tiny_run / "split.csv", dtype=str, keep_default_na=False)
     used = split[split["split"] != "eval_only"]
@@ -96,7 +106,8 @@ def test_progressive_resizing_trains_small_then_full_size(tmp_path):
     from covidxr.training import main
 
     out = main(["--manifest", str(MANIFEST), "--limit", "6", "--epochs", "3", "--input-size", "64",
-                "--start-size", "32", "--full-size-epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"),
+                "--start-size", "32", "--full-size-epochs", "1", "--batch-size", "8", "--no-hospitals",
+                "--out", str(tmp_path / "run"),
                 "--cache-dir", str(tmp_path / "cache")])
     history = pd.read_csv(out / "history.csv")
     assert list(history["size"]) == [32, 32, 64]
@@ -114,7 +125,7 @@ def test_the_2020_recipe_trains_a_binary_model(tmp_path):
 
     out = main(["--manifest", str(MANIFEST), "--classes", "covid", "normal", "--filter", "view=PA",
                 "--filter", "source_dataset=ieee8023,kermany", "--limit", "8", "--epochs", "1", "--input-size", "64",
-                "--batch-size", "8", "--no-gallery", "--out", str(tmp_path / "run"),
+                "--batch-size", "8", "--no-gallery", "--no-hospitals", "--out", str(tmp_path / "run"),
                 "--cache-dir", str(tmp_path / "cache")])
     history = pd.read_csv(out / "history.csv")
     assert 0 <= history["val_macro_auroc"].iloc[0] <= 1
