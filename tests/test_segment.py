@@ -231,9 +231,7 @@ def test_the_split_around_held_out_patients_keeps_shared_images_together():
 
 
 def test_the_lung_model_finds_no_lungs_in_nothing(segmenter):
-    """Blank fields and noise have no lungs: trained with pictures of nothing beside the masks, the
-    lung model draws none there (one retrain without them drew a fifth of a blank image)."""
-    rng = np.random.default_rng(1)
-    for picture in (np.zeros((300, 240), np.float32), np.full((300, 240), 0.5, np.float32),
-                    rng.random((300, 240)).astype(np.float32)):
-        assert segmenter.segment(picture).mean() < 0.03
+    """A blank field has no lungs: trained with blank fields beside the masks, the lung model draws
+    none there (one retrain without them drew a fifth of a blank image)."""
+    for level in (0.0, 0.5, 1.0):
+        assert segmenter.segment(np.full((300, 240), level, np.float32)).mean() < 0.01
