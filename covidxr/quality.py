@@ -200,23 +200,28 @@ def flagged(summary: pd.DataFrame, bar: float = 0.10, variants=RULE_VARIANTS) ->
     return [(row.group, row.variant, row.labels_changed) for row in over.itertuples()]
 
 
-def audit_sets(checkpoint, data: Path, external: Path, sample: int | None, seed: int = 0) -> tuple[list, list]:
-    """(paths, groups): the checkpoint's test split's COVID, adult normals and adult pneumonias,
-    and each external hospital's people; at most `sample` a group."""
+def audit_sets(checkpoint, data: Path, external: Path, sample: int | None, seed: int = 0, split_name: str = "test",
+               hospitals: list[str] | None = None) -> tuple[list, list]:
+    """(paths, groups): the checkpoint's `split_name` split's COVID, adult normals and adult
+    pneumonias (cxr images only), and each external hospital's people (those named in
+    `hospitals`, default every one); at most `sample` a group. Choosing a recipe reads the
+    validation split ("val") and the hospital left out; the test split is for the one shipped."""
     split = Path(checkpoint).with_suffix(".split.csv")
     if not split.is_file():
         split = Path(checkpoint).parent / "split.csv"
     frame = pd.read_csv(split, dtype=str, keep_default_na=False)
-    frame = frame[frame["split"] == "test"]
-    groups = {"test: COVID": frame[frame["label"] == "covid"],
-              "test: adult normals": frame[(frame["label"] == "normal") & (frame["age_group"] == "adult")],
-              "test: adult pneumonias": frame[(frame["label"] == "pneumonia") & (frame["age_group"] == "adult")]}
+    folders = sorted(p for p in external.iterdir() if (p / "manifest.csv").is_file()) if external.is_dir() else []
+    # A hospital trained on has rows in the split too (train --external): its own folder's, not the data's.
+    frame = frame[(frame["split"] == split_name) & ~frame["source_dataset"].isin([f.name for f in folders])]
+    groups = {f"{split_name}: COVID": frame[frame["label"] == "covid"],
+              f"{split_name}: adult normals": frame[(frame["label"] == "normal") & (frame["age_group"] == "adult")],
+              f"{split_name}: adult pneumonias": frame[(frame["label"] == "pneumonia") & (frame["age_group"] == "adult")]}
     paths, names = [], []
     for name, part in groups.items():
         part = part.sample(min(sample, len(part)), random_state=seed) if sample else part
         paths += [str(data / f) for f in part["filename"]]
         names += [name] * len(part)
-    for folder in sorted(p for p in external.iterdir() if (p / "manifest.csv").is_file()) if external.is_dir() else []:
+    for folder in [f for f in folders if hospitals is None or f.name in hospitals]:
         hospital = read_manifest(folder / "manifest.csv")
         hospital = hospital.sample(min(sample, len(hospital)), random_state=seed) if sample else hospital
         paths += list(map(str, hospital["path"]))
@@ -278,6 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), default=None,
                         help="only these variants (repeatable; default: all)")
     parser.add_argument("--sample", type=int, default=None, help="at most N images a group (a few minutes)")
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="the checkpoint's split to read (val: to choose a recipe without the test split)")
+    parser.add_argument("--hospital", action="append", default=None,
+                        help="only this external hospital (repeatable; default: every one)")
     parser.add_argument("--out", default="runs/quality")
     args = parser.parse_args(argv)
     from .predictor import Predictor
@@ -291,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
     for checkpoint in checkpoints:
         predictor = Predictor.load(checkpoint)
         name = (predictor.config.get("card") or {}).get("name") or Path(checkpoint).stem
-        paths, groups = audit_sets(checkpoint, data, external, args.sample)
+        paths, groups = audit_sets(checkpoint, data, external, args.sample, split_name=args.split,
+                                   hospitals=args.hospital)
         rows = audit_rows(predictor, paths, groups, args.variant or list(VARIANTS))
         rows.assign(path=[Path(p).name for p in rows["path"]]).to_csv(out / f"{name}.csv", index=False)
         summary = summarise(rows)
