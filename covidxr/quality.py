@@ -37,7 +37,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import BUNDLED, checkpoint_path
+from .checkpoint import BUNDLED, checkpoint_path, update_config
 from .data import data_dir, load_image, read_manifest
 
 # The blur is given at 512 px a side and scaled to the image's own size, so it blurs the same
@@ -200,6 +200,20 @@ def flagged(summary: pd.DataFrame, bar: float = 0.10, variants=RULE_VARIANTS) ->
     return [(row.group, row.variant, row.labels_changed) for row in over.itertuples()]
 
 
+def stored(summary: pd.DataFrame) -> dict:
+    """What a checkpoint keeps of its audit (its card in the app shows it): the largest share of
+    labels a variant of the ship rule changes among the test COVID, the test adult normals and
+    each hospital's people, where, and the share called COVID as it is and at worst."""
+    rule = summary[summary["variant"].isin(RULE_VARIANTS) & ~summary["group"].str.contains("pneumonias")]
+    worst = rule.loc[rule["labels_changed"].idxmax()]
+    as_is = summary[summary["variant"] == AS_IS].set_index("group")["called_covid"]
+    return {"worst_labels_changed": float(worst["labels_changed"]), "worst_variant": worst["variant"],
+            "worst_group": worst["group"], "variants": list(RULE_VARIANTS),
+            "called_covid_as_is": {group: float(share) for group, share in as_is.items()},
+            "measured_on": "the test split's COVID, adult normals and adult pneumonias, and each external hospital",
+            "images": int(summary[summary["variant"] == AS_IS]["images"].sum())}
+
+
 def audit_sets(checkpoint, data: Path, external: Path, sample: int | None, seed: int = 0, split_name: str = "test",
                hospitals: list[str] | None = None) -> tuple[list, list]:
     """(paths, groups): the checkpoint's `split_name` split's COVID, adult normals and adult
@@ -288,7 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hospital", action="append", default=None,
                         help="only this external hospital (repeatable; default: every one)")
     parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--store", action="store_true",
+                        help="store each model's result in its checkpoint's description (its card in the app says how "
+                             "it fares); needs the full test split, every variant and every hospital")
     args = parser.parse_args(argv)
+    if args.store and (args.sample or args.variant or args.hospital or args.split != "test"):
+        parser.error("--store keeps what the full audit measured: no --sample, --variant, --hospital or --split val")
     from .predictor import Predictor
 
     checkpoints = args.checkpoint or [checkpoint_path(name) for name in BUNDLED]
@@ -309,6 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
         result[name] = summary.to_dict("records")
         (out / f"{name}.md").write_text(markdown(summary) + "\n")
         print(f"\n## {name}\n\n{markdown(summary)}")
+        if args.store:
+            update_config(checkpoint, {"quality": stored(summary)})
+            print(f"stored in {checkpoint}")
     (out / "quality.json").write_text(json.dumps(result, indent=2))
     print(f"\nplot: {plot(summaries, out / 'quality.png')}")
     return result

@@ -135,3 +135,26 @@ def test_the_quality_recipes_loss_falls_in_a_tiny_real_run():
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
     assert js_divergence(logits, logits).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_what_a_checkpoint_keeps_of_its_audit_and_its_card_says():
+    import pandas as pd
+
+    from covidxr.app.model_card import short_card
+
+    summary = pd.DataFrame([
+        {"group": "test: COVID", "variant": quality.AS_IS, "images": 55, "called_covid": 0.9, "labels_changed": 0.0},
+        {"group": "test: COVID", "variant": "JPEG quality 30", "images": 55, "called_covid": 0.8, "labels_changed": 0.12},
+        {"group": "test: adult pneumonias", "variant": "blur (sigma 1.5 px at 512 px)", "images": 30,
+         "called_covid": 0.5, "labels_changed": 0.5},  # not a group of the rule
+        {"group": "shenzhen: adults, no COVID", "variant": quality.AS_IS, "images": 450, "called_covid": 0.02,
+         "labels_changed": 0.0},
+        {"group": "shenzhen: adults, no COVID", "variant": "gamma 0.7", "images": 450, "called_covid": 0.3,
+         "labels_changed": 0.3},  # not a variant of the rule
+    ])
+    kept = quality.stored(summary)
+    assert (kept["worst_labels_changed"], kept["worst_variant"], kept["worst_group"]) == (0.12, "JPEG quality 30",
+                                                                                          "test: COVID")
+    assert kept["images"] == 505 and kept["called_covid_as_is"]["shenzhen: adults, no COVID"] == 0.02
+    card = short_card({"arch": "x", "card": {"title": "A model"}, "quality": kept})
+    assert "its answer does not hold: at worst **12%** of labels change (JPEG quality 30, test: COVID" in card

@@ -59,6 +59,12 @@ def short_card(config: dict) -> str:
     if focus:
         lines.append(f"Lung focus of its COVID maps: **{focus['mean']:.0%}** against hand-drawn lung masks "
                      f"(an even spread: {focus['chance']:.0%}; {focus['images']} unseen X-rays).")
+    fared = config.get("quality")
+    if fared:
+        holds = "holds" if fared["worst_labels_changed"] <= 0.10 else "does not hold"
+        lines.append(f"Under a JPEG, a smaller copy or a blur its answer {holds}: at worst "
+                     f"**{fared['worst_labels_changed']:.0%}** of labels change ({fared['worst_variant']}, "
+                     f"{fared['worst_group']}; the bar is 10%).")
     if about.get("shortcut"):
         lines.append(f"*Known shortcut:* {about['shortcut']}")
     return "  \n".join(lines)
