@@ -179,6 +179,26 @@ def compare_view(paths: list[Path], repeats: int, memory_requests: int = 100) ->
     return result
 
 
+def file_test(paths: list[Path], repeats: int) -> dict:
+    """The file test's handler (app/file_test.quality_api): one model's verdict for one X-ray as it
+    is, compressed, smaller and blurred, for each bundled model (the bar: at most 1 s on 2 cores)."""
+    from covidxr.app import file_test as view
+    from covidxr.app.state import XrayApp
+    from covidxr.predictor import ModelShelf
+
+    app = XrayApp(models=ModelShelf.bundled())
+    results = {}
+    for name in app.models.names:
+        cycle = iter(range(10**9))
+
+        def call():
+            app.models.forget_lung_answers()  # as every job of the app does
+            view.quality_api(app, str(paths[next(cycle) % len(paths)]), name)
+
+        results[name] = timings(call, repeats, warmup=2)
+    return results
+
+
 # In the page, set before the action: a promise (window.covidxrRendered) of when the result's
 # heatmap has arrived and is drawn (every image `selector` names decoded), in ms since the
 # page's time origin. Watched with a MutationObserver
@@ -326,6 +346,7 @@ def run(repeats: int, train_steps: int, with_app: bool, methods: list[str], comp
                                                                   device)
         results["models"][arch] = entry
     results["compare_view"] = compare_view(paths, max(5, repeats // 3), memory_requests=100 if with_app else 5)
+    results["file_test"] = file_test(paths, max(5, repeats // 3))
     if with_app:
         results["app_round_trip"] = app_round_trip(paths, max(10, repeats))
         if browser:
@@ -415,6 +436,11 @@ def markdown(results: dict) -> str:
                   f"cold cache, the handler in one process): median {view['median']:.0f} ms, p95 {view['p95']:.0f} ms. "
                   f"Memory over {view['memory_requests']} more compare requests: {view['rss_before_mb']:.0f} -> "
                   f"{view['rss_after_mb']:.0f} MiB ({growth:+.1%})."]
+    if results.get("file_test"):
+        lines += ["", "File test (the page's 'Compress, shrink and blur it' and `/quality`: one model's verdict for the "
+                  "X-ray as it is, compressed, smaller and blurred; the handler in one process; bar 1 s): "
+                  + ", ".join(f"{name} median {t['median']:.0f} ms (p95 {t['p95']:.0f})"
+                              for name, t in results["file_test"].items()) + "."]
     if "browser" in results:
         seen = results["browser"]
         server = seen.get("server") or {}

@@ -211,7 +211,8 @@ def _comparison_2020(report: dict, frame: pd.DataFrame, predicted: np.ndarray, g
 
 def unseen_set(split_name: str, test_rows: int, images: int) -> dict:
     """What a checkpoint's stored metrics were measured on, in words and numbers: every image of
-    its classes whose patient it was neither trained nor tuned on. That is the split file's test
+    its classes whose patient it was neither trained nor tuned on (`images`: those with a class of
+    the model's; images of other labels, SARS among them, are scored apart). That is the split file's test
     rows and, for a model trained on a selection (the 2020 recipe), every image the selection
     left out too (adult normals, other sources)."""
     return {"split_file": split_name, "test_rows": test_rows, "images": images,
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = write_report(report, frame, probabilities, args.out)
     if args.store_metrics:
         split_rows = pd.read_csv(split, dtype=str, keep_default_na=False)
-        measured_on = unseen_set(Path(split).name, int((split_rows["split"] == "test").sum()), len(frame))
+        measured_on = unseen_set(Path(split).name, int((split_rows["split"] == "test").sum()), report["overall"]["n"])
         update_config(args.checkpoint, {"metrics": summarise(report, measured_on)}, why="covidxr evaluate --store-metrics")
         print(f"metrics stored in {args.checkpoint}")
     if not args.no_gallery:

@@ -888,7 +888,7 @@ def test(predictor: Predictor, data: TrainingData, args: argparse.Namespace, out
     write_report(report, unseen, probabilities, out_dir)
     if not args.no_gallery:
         write_gallery(predictor, unseen, report, out_dir)
-    return summarise(report, unseen_set("split.csv", int((frame["split"] == "test").sum()), len(unseen)))
+    return summarise(report, unseen_set("split.csv", int((frame["split"] == "test").sum()), report["overall"]["n"]))
 
 
 def judge_hospitals(predictor: Predictor, args: argparse.Namespace, out_dir: Path) -> dict:

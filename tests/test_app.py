@@ -34,6 +34,12 @@ def xray_app(examples_dir, predictor):
     return XrayApp(predictor, examples_dir)
 
 
+@pytest.fixture(scope="module")
+def built_page(xray_app):
+    """The page built once (building it predicts every example for its caption)."""
+    return layout.build(xray_app)
+
+
 def test_handler_on_a_real_xray(xray_app, manifest_frame):
     path = real_image(manifest_frame, "pneumonia", "kermany")
     label, original, overlay, summary = analysis.predict_api(xray_app, str(path))
@@ -91,7 +97,7 @@ def test_handler_refuses_enormous_images(xray_app, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["skimage:chelsea", "generated:gradient"])
-def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
+def test_handler_refuses_what_is_no_chest_xray(xray_app, built_page, tmp_path, name):
     """A cat photo (colour) and a gray gradient: the check flags them, so no class is called, no
     lungs outlined, no lung focus given; the probabilities only as greyed detail."""
     path = tmp_path / "input.png"
@@ -107,7 +113,7 @@ def test_handler_refuses_what_is_no_chest_xray(xray_app, tmp_path, name):
     greyed = summary[summary.index('<span class="secondary">'):]
     assert all(f"{c} {p:.0%}" in greyed for c, p in prediction.probabilities.items())
     assert xray_app.kept.get(page["kept"]["keys"][0]).lung_mask is None and overlay.size == original.size
-    shown_label = next(b for b in layout.build(xray_app).blocks.values() if isinstance(b, gr.Label)).postprocess(label)
+    shown_label = next(b for b in built_page.blocks.values() if isinstance(b, gr.Label)).postprocess(label)
     assert shown_label.label == NOT_AN_XRAY and not shown_label.confidences  # no probability bars
 
 
@@ -223,6 +229,22 @@ def test_the_page_shows_an_error_in_place_of_the_previous_verdict(xray_app, mani
     assert analysis.failed(xray_app)[0].label == NO_RESULT and analysis.failed(xray_app)[3].startswith(f"### {ERROR_HEADLINE}")
 
 
+def test_another_file_takes_the_upload_box_and_an_unreadable_one_empties_it(xray_app, manifest_frame, tmp_path,
+                                                                           monkeypatch):
+    """'Choose another X-ray': the file goes into the upload box and is analysed in one request; a
+    file that cannot be read is deleted at once, so the box is emptied and the result says why."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    good = tmp_path / "good.png"
+    shutil.copy(real_image(manifest_frame, "normal", "nih14"), good)
+    shown, explained, label, *_ = analysis.show_another(xray_app, str(good), "gradcam", "covid", 0.4)
+    assert shown == str(good) and explained == PREDICTED and label.label in xray_app.predictor.classes
+    bad = tmp_path / "upload" / "notes.png"
+    bad.parent.mkdir()
+    bad.write_text("definitely not an X-ray")
+    shown, _, label, *rest = analysis.show_another(xray_app, str(bad), "gradcam", PREDICTED, 0.4)
+    assert shown is None and not bad.exists() and label.label == NO_RESULT
+
+
 def test_clearing_or_a_new_image_resets_the_page(xray_app, manifest_frame):
     # PAGE_OUTPUTS up to the eraser: no result, no test, the test's image box hidden
     empty = (None, None, None, "", None, "", None, gr.update(visible=False), None)
@@ -238,8 +260,8 @@ def test_clearing_or_a_new_image_resets_the_page(xray_app, manifest_frame):
     assert f"evidence for **{decided}**" in summary and "not for the prediction" not in summary
 
 
-def test_the_overlay_has_a_colour_scale(xray_app):
-    legends = [block for block in layout.build(xray_app).blocks.values()
+def test_the_overlay_has_a_colour_scale(built_page):
+    legends = [block for block in built_page.blocks.values()
                if isinstance(block, gr.HTML) and block.elem_id == "legend"]
     assert len(legends) == 1 and "linear-gradient" in legends[0].value and "strongest" in legends[0].value
 
@@ -859,7 +881,7 @@ def test_browser_walk_finds_none_of_the_page_defects(served_app, width, height, 
         assert page.locator("#map-test .error").count() == 0
         page.screenshot(path=str(tmp_path / "walk.png"), full_page=True)
         # A link to the model card opens its panel.
-        page.locator("#map-test").get_by_role("link", name="MODEL_CARD.md").click()
+        page.locator("#map-test").get_by_role("link", name="MODEL_CARD.md").first.click()
         page.locator("#model-card-text").get_by_text("Known limitations").first.wait_for(timeout=30_000)
         if os.environ.get("COVIDXR_SCREENSHOTS"):  # to look at by eye
             shutil.copy(tmp_path / "walk.png", Path(os.environ["COVIDXR_SCREENSHOTS"]) / f"{width}-walk.png")
@@ -992,12 +1014,12 @@ def test_the_map_tests_validator_checks_each_input_in_its_place(shelf_app):
     assert all(check["is_valid"] for check in Handlers(shelf_app).admit_map_test("x.png", "painted", "recipe-2020", None))
 
 
-def test_the_model_card_is_linked_and_loads_in_its_panel_when_opened(xray_app, monkeypatch, tmp_path):
+def test_the_model_card_is_linked_and_loads_in_its_panel_when_opened(built_page, monkeypatch, tmp_path):
     """The notes that send a student to MODEL_CARD.md link to the page's last panel, which reads
     the repository's file when opened (one request, no model run, not queued), or says where it is."""
     from covidxr.app import words
 
-    demo = layout.build(xray_app)
+    demo = built_page
     assert words.CARD_LINK in words.COMPARE_INTRO and words.CARD_LINK in words.MAP_TEST_INTRO
     panel = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model-card-full")
     assert panel.open is False

@@ -35,8 +35,9 @@ def test_audit_command_on_a_small_subset(tmp_path, predictor):
     first = rows.iloc[0]
     explanation = predictor.explain(MANIFEST.parent / first["filename"])
     assert first["predicted"] == explanation.prediction.label
+    assert first["lung_focus"] == pytest.approx(explanation.lung_focus, abs=1e-6)  # one scoring size
     assert first["lung_focus"] == pytest.approx(
-        evidence_shares(explanation.heatmap, explanation.lung_mask)["lung_focus"], abs=1e-6)
+        evidence_shares(explanation.scored_map, explanation.scored_lungs)["lung_focus"], abs=1e-6)
     # The sanity check in the report is the function's, on the same seeded sample.
     assert result["sanity"]["images"] == 3 and result["sanity"]["spearman_mean"] < 0.8
 

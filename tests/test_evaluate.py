@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import MANIFEST
 
 from covidxr.evaluate import (auroc, clustered_proportion, evaluate_predictions, main, proportion, rows_to_score,
                               split_file_for, unseen_rows, wilson_interval)
@@ -168,3 +169,28 @@ def test_evaluate_command_on_real_images(tiny_run, small_manifest, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["classes"] == CLASSES
     markdown = (out / "report.md").read_text()
     assert "## By age group" in markdown and "## Against the 2020 tool" in markdown
+
+
+@pytest.mark.slow  # every bundled model over its unseen images
+@pytest.mark.parametrize("name", ["whole-image", "lung-reader", "recipe-2020"])
+def test_stored_metrics_are_what_the_shipped_file_gives(name):
+    """A bundled checkpoint's stored test metrics name the set they describe, and are what the
+    shipped file gives there through Predictor (within 0.001): nothing measured on an older file,
+    lung model or rule."""
+    from covidxr import Predictor
+    from covidxr.checkpoint import checkpoint_path, read_config
+    from covidxr.data import read_manifest, select
+    from covidxr.evaluate import evaluate_checkpoint, rows_to_score, summarise
+
+    path = checkpoint_path(name)
+    stored = read_config(path)["metrics"]
+    predictor = Predictor.load(path)
+    frame = select(read_manifest(MANIFEST), {}, predictor.config.get("label_map") or {c: c for c in predictor.classes})
+    frame, split = rows_to_score(frame, path, None, False)
+    measured = summarise(evaluate_checkpoint(predictor, frame, progress=False)[0])
+    assert stored["measured_on"]["images"] == stored["n"] == measured["n"]
+    assert stored["measured_on"]["split_file"] == split.name
+    assert stored["accuracy"] == pytest.approx(measured["accuracy"], abs=1e-3)
+    for label in predictor.classes:
+        for key in ("sensitivity", "specificity", "auroc"):
+            assert stored[label][key] == pytest.approx(measured[label][key], abs=1e-3), (label, key)

@@ -141,8 +141,12 @@ def show_example(app: XrayApp, index, method, explain_class, opacity, view=None,
 
 
 def show_another(app: XrayApp, file, method, explain_class, opacity, view=None, session=None):
-    """Another file chosen over the one shown: it goes into the upload box and is analysed."""
-    return (str(file_path(file)), *show_new(app, file, method, explain_class, opacity, view, session))
+    """Another file chosen over the one shown: it goes into the upload box and is analysed. One
+    that could not be read is deleted at once (`analysed`): the box is then emptied, and the
+    result area says why."""
+    path = file_path(file)
+    outputs = show_new(app, file, method, explain_class, opacity, view, session)
+    return (str(path) if path.exists() else None, *outputs)
 
 
 def reanalyse(app: XrayApp, file, method, explain_class, opacity, view=None, session=None):
