@@ -159,6 +159,7 @@ def test_cam_target_chooses_the_class_and_the_caption_says_it(folder, tmp_path, 
         main(["predict", str(folder / "a.jpeg"), "--cam-target", "cat"])
 
 
+@pytest.mark.slow  # seconds: kept out of the fast layer (README: under a minute)
 def test_refused_inputs_get_no_class_in_the_label_column(tmp_path):
     """A 1x1 PNG, a black 8000 px PNG and a colour photo: the refusal, never a class."""
     from covidxr.not_xrays import non_xray_images
@@ -212,6 +213,7 @@ def test_csv_cells_are_never_run_as_formulas(tmp_path, manifest_frame, monkeypat
     assert printed == cells
 
 
+@pytest.mark.slow  # seconds: kept out of the fast layer (README: under a minute)
 def test_heatmaps_of_huge_images_are_written_downscaled(tmp_path):
     """A 64-megapixel input would cost gigabytes of full-size map and overlay: the overlay is
     made at most CAM_MAX_SIDE pixels a side, keeping the image's shape (the caption strip

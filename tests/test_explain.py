@@ -215,6 +215,7 @@ def test_the_explained_class_is_the_decided_class_under_temperature_and_threshol
     assert explanation.target == decided
 
 
+@pytest.mark.slow  # seconds: kept out of the fast layer (README: under a minute)
 def test_score_cam_draws_no_progress_bar(manifest_frame, capfd):
     """pytorch-grad-cam's Score-CAM drew a progress bar per map: in the app, one per request (and
     a deletion curve's many) in the server's log."""

@@ -104,6 +104,7 @@ def test_the_refusal_does_not_depend_on_the_classifier(predictor, test_xrays):
         assert untrained.predict(image).reasons == predictor.predict(image).reasons
 
 
+@pytest.mark.slow  # seconds: kept out of the fast layer (README: under a minute)
 def test_simulated_hospital_changes_are_read(predictor, test_xrays):
     """Gamma, contrast, grain, burned-in text, borders, rotation, crop, pad, low resolution,
     JPEG and an inverted MONOCHROME1 film: still X-rays. The issue's bar for X-rays of other
