@@ -111,6 +111,16 @@ def test_clicks_that_run_no_model_take_no_place(served_app, examples_dir):
     client = Client(served_app, verbose=False)
     label, *_ = client.predict(handle_file(str(xray)), api_name="/predict")
     assert label["label"] in ("covid", "normal", "pneumonia")
+    # Nor do they wait behind one: while a Score-CAM analysis runs, a click that runs no model is
+    # answered, and the analysis is still running when it is.
+    slow = client.submit(handle_file(str(xray)), "scorecam", "predicted class", 0.4, api_name="/predict")
+    deadline = time.monotonic() + 60
+    while slow.status().code.name != "PROCESSING" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    status, _ = _post(f"{served_app}gradio_api/run/predict",
+                      {"data": [], "fn_index": functions["model_card_text"], "session_hash": session})
+    assert status == 200 and not slow.done(), "a click that runs no model waited for the analysis"
+    assert slow.result(timeout=300)[0]["label"] in ("covid", "normal", "pneumonia")
     # A handler that runs a model cannot be run directly by /run/, around the queue and its places.
     status, answer = _post(f"{served_app}gradio_api/run/predict",
                            {"data": [None, "gradcam", "predicted class", 0.4, "whole-image"],
