@@ -22,6 +22,7 @@ import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -38,6 +39,9 @@ from .framing import Framing, to_image_frame
 from .model import CAM_HEADS, gradcam_layer_name
 from .ood import FeatureHook
 from .report import notice_rule
+
+if TYPE_CHECKING:  # the predictor this explains for (predictor.py imports this module lazily)
+    from .predictor import Predictor
 
 METHODS = {
     "gradcam": GradCAM,
@@ -201,7 +205,7 @@ class _DecidingTarget:
     label is decided from (logits / temperature, then the rule with its threshold), so the map
     explains the class the page shows."""
 
-    def __init__(self, predictor, target: str | None):
+    def __init__(self, predictor: Predictor, target: str | None):
         self.predictor = predictor
         self.target = target
 
@@ -213,7 +217,7 @@ class _DecidingTarget:
 
 
 class Explainer:
-    def __init__(self, predictor):
+    def __init__(self, predictor: Predictor):
         self.predictor = predictor
         self.model = copy.deepcopy(predictor.model).eval()
         self.layer = self.model.get_submodule(predictor.config["gradcam_layer"])

@@ -24,11 +24,15 @@ pytorch-grad-cam's ROAD metric).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .data import load_grayscale, load_image
 from .framing import dilate, uses_lungs
+
+if TYPE_CHECKING:  # the predictor these tests run (predictor.py imports this module lazily)
+    from .predictor import Predictor
 
 # The lungs are dilated by this share of the image's longer side before blanking, so the lung
 # edges (where Grad-CAM spills) count as lung.
@@ -67,7 +71,7 @@ class OcclusionTest:
         return self.probabilities[view][name] - self.probabilities[AS_IS][name]
 
 
-def occlusion_test(predictor, image) -> OcclusionTest:
+def occlusion_test(predictor: Predictor, image) -> OcclusionTest:
     """Predict `image` as it is and with each side of its dilated lungs blanked. For
     whole-image checkpoints only: a lung-reading one finds its crop from the lungs, which a
     blanked image no longer shows."""
@@ -77,7 +81,7 @@ def occlusion_test(predictor, image) -> OcclusionTest:
     return _tested(predictor, image, occluded_views(gray, predictor.segment_lungs(gray)))
 
 
-def painted_test(predictor, image, painted: np.ndarray) -> OcclusionTest:
+def painted_test(predictor: Predictor, image, painted: np.ndarray) -> OcclusionTest:
     """Predict `image` as it is and with what a person painted over blanked. `painted` is a
     boolean mask of any size (the page's is at display size): it is scaled to the image."""
     import cv2
@@ -89,7 +93,7 @@ def painted_test(predictor, image, painted: np.ndarray) -> OcclusionTest:
     return _tested(predictor, image, {AS_IS: gray, PAINTED_OVER: blanked(gray, mask)})
 
 
-def _tested(predictor, image, views: dict[str, np.ndarray]) -> OcclusionTest:
+def _tested(predictor: Predictor, image, views: dict[str, np.ndarray]) -> OcclusionTest:
     # The image as it is is predicted from the file itself, so that the not-a-chest-X-ray check
     # sees its colour too. That check may refuse a view with its lungs blanked; what the network
     # says for it is what the test is about, so the decided class is read, not the label.
@@ -124,7 +128,7 @@ class DeletionCurve:
         return float(np.mean(self.at_random) - np.mean(self.by_map))
 
 
-def deletion_curve(predictor, image, method: str = "gradcam", target: str | None = None,
+def deletion_curve(predictor: Predictor, image, method: str = "gradcam", target: str | None = None,
                    removed: tuple[float, ...] = DELETED, seed: int = 0) -> DeletionCurve:
     """Remove the map's hottest pixels of the network's input, then as many random ones, and
     predict again each time: pytorch-grad-cam's ROAD (ROADMostRelevantFirst: remove and debias,
