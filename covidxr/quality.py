@@ -142,8 +142,10 @@ class Held:
         if self.verdicts[AS_IS].status != "result":
             return "The image as it is gets no result, so there is no answer to hold."
         if self.label_held:
-            return ("The answer holds: compressed, smaller and blurred, this model gives the same label. "
-                    "That is what a model reading the lungs, not the file, should do.")
+            # Holding is necessary, not sufficient: the 2020 recipe holds by reading what is outside the lungs.
+            return ("The answer holds: compressed, smaller and blurred, this model gives the same label, so the "
+                    "file's quality does not decide it here. Holding alone does not show that it reads the lungs: "
+                    "the map test shows where its evidence lies.")
         return (f"The answer changes when this image is {' or '.join(name.split(' (')[0] for name in self.changed)}: "
                 "the X-ray shows the same lungs either way, so this model is reading the file's quality here, "
                 "not only the lungs. Give its answer less weight.")

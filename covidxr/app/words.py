@@ -42,6 +42,9 @@ CSS = """
                font-size: var(--text-md) !important; font-weight: 600 !important; }
 #method input { text-overflow: ellipsis; padding-right: 2.2em; }
 .icon-button-wrapper.top-panel:not(:has(button)) { display: none; }
+/* The file test's table: on a phone it scrolls sideways instead of breaking words letter by letter. */
+#file-test-result table { display: block; overflow-x: auto; max-width: 100%; border: 0 !important; }
+#file-test-result th, #file-test-result td { min-width: 7em; overflow-wrap: normal; word-break: normal; }
 """
 
 # After an analysis started from the inputs, bring the result into view when it lies out of sight
