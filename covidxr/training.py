@@ -831,7 +831,13 @@ def finish(args: argparse.Namespace, data: TrainingData, setup: Setup, history: 
     predictor.ood = fit_feature_warning(predictor, data)
     config["ood"] = predictor.ood.describe()
     save_checkpoint(out_dir / "model.safetensors", model, config, extra_tensors=predictor.ood.tensors())
-    log.info("test: %s", json.dumps(config["metrics"]))
+    # Not the test numbers: a run is chosen on validation, and the test split looked at once after
+    # (DEVELOPERS.md). A line printed at the end of every run would show them before the choice.
+    kept = history.loc[history["epoch"] == kept_epoch]
+    val_auroc = float(kept["val_macro_auroc"].iloc[0]) if len(kept) else float("nan")
+    log.info("kept epoch %d of %d (validation macro AUROC %.3f); the test evaluation is in %s and %s, "
+             "not printed: choose on validation first", kept_epoch, len(history), val_auroc,
+             out_dir / "report.md", out_dir / "metrics.json")
     return out_dir
 
 

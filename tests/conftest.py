@@ -6,6 +6,7 @@ and `browser` imply `slow`. The fast layer: `python -m pytest -m "not slow"`. Ev
 `python -m pytest`, as CI runs it.
 """
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -75,8 +76,19 @@ def tiny_run(tmp_path_factory):
     from covidxr.training import main
 
     out = tmp_path_factory.mktemp("tiny_run")
-    main(["--manifest", str(MANIFEST), "--limit", "6", "--epochs", "1", "--input-size", "64",
-          "--batch-size", "8", "--out", str(out), "--cache-dir", str(out / "cache")])
+    # What the run says as it goes, kept beside it (run.log) for the tests that read it.
+    said = logging.FileHandler(out / "run.log")
+    logger = logging.getLogger("covidxr")
+    level = logger.level
+    logger.addHandler(said)
+    logger.setLevel(logging.INFO)
+    try:
+        main(["--manifest", str(MANIFEST), "--limit", "6", "--epochs", "1", "--input-size", "64",
+              "--batch-size", "8", "--out", str(out), "--cache-dir", str(out / "cache")])
+    finally:
+        logger.removeHandler(said)
+        logger.setLevel(level)
+        said.close()
     return out
 
 

@@ -27,6 +27,16 @@ def test_run_folder_is_complete(tiny_run):
     assert 0.3 < history["train_loss"].iloc[0] < 3.0
 
 
+def test_the_run_does_not_print_its_test_numbers(tiny_run):
+    """A run is chosen on validation before its test split is looked at: the end of a run names
+    the kept epoch and its validation AUROC, and where the test evaluation is, not what it says."""
+    said = (tiny_run / "run.log").read_text()
+    history = pd.read_csv(tiny_run / "history.csv")
+    assert f"kept epoch 1 of 1 (validation macro AUROC {history['val_macro_auroc'].iloc[0]:.3f})" in said
+    assert str(tiny_run / "report.md") in said
+    assert "sensitivity" not in said and "specificity" not in said and "auroc\"" not in said
+
+
 def test_the_run_judges_the_hospitals_it_left_out(tiny_run):
     """Every hospital not trained on, judged at the end under the checkpoint's rule (the other
     training tests skip it: --no-hospitals)."""
