@@ -418,7 +418,7 @@ def test_browser_one_request_per_action_and_readable_examples(served_app, exampl
             captions = rows.locator("td:nth-child(2)").all_inner_texts()
         examples = read_examples()
         missed = examples.loc[examples["why"].str.contains("misses"), "caption"].iloc[0]
-        assert len(captions) == len(read_examples()) and any(missed in caption for caption in captions)
+        assert len(captions) == len(examples) and any(missed in caption for caption in captions)
         assert not any(caption.rstrip().endswith("...") for caption in captions), captions
         first_caption = captions[0].split("\n")[0]
         assert act(lambda: rows.first.click(), lambda: summary.get_by_text("Prediction:").wait_for(timeout=60_000)) \
